@@ -1,0 +1,67 @@
+"""The `cgn-jax` command: a thin dispatcher.
+
+Each sub-command lives in its own module exposing `add_arguments(parser)` and
+`run(args)`; modules are imported only when their command runs, so `--help`
+stays fast and a broken optional dependency only affects its own command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "train": ("cgn_jax.train.cli", "train a CGN (MNIST variants or ImageNet)"),
+    "generate": ("cgn_jax.generate", "sample sheets and counterfactual datasets from a trained CGN"),
+    "port": ("cgn_jax.port.cli", "convert PyTorch checkpoints (mnist, vgg16, biggan, u2net) to Orbax"),
+    "bench": ("cgn_jax.bench", "time the real train step of a config"),
+    "train-classifier": ("cgn_jax.classifier_cli", "train an invariant classifier"),
+    "table1": ("cgn_jax.table1", "rerun the paper's Table 1 (MNIST classifiers)"),
+}
+
+
+class CLIError(Exception):
+    """An error caused by the user's input; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cgn-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
+        parser.print_help()
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"cgn-jax {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args, unknown = parser.parse_known_args(rest)
+    # `--config.a.b=value` overrides are collected here for commands that take a config.
+    overrides = [u for u in unknown if u.startswith("--config.")]
+    stray = [u for u in unknown if not u.startswith("--config.")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.config_overrides = overrides
+    try:
+        return int(module.run(args) or 0)
+    except CLIError as e:
+        print(f"cgn-jax {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cgn-jax {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

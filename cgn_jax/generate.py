@@ -1,0 +1,151 @@
+"""`cgn-jax generate`: sample sheets and counterfactual datasets from an MNIST CGN.
+
+Counterfactuals are made the way the official `generate_data.py` makes them: one
+mask per (noise, shape label), then for each of K counterfactuals fresh noise and
+random labels for the texture and background mechanisms, composed with that mask.
+All of it, K counterfactuals included, is one jitted call per batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from cgn_jax.compose import compose, texture_layer
+from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
+from cgn_jax.sheets import save_sheet, to_uint8
+
+
+def load_generator(checkpoint: str, config=None):
+    """(model, variables) from an Orbax generator dir (ported or trained) or an official .pth."""
+    from cgn_jax.port.mnist import load_mnist_cgn, load_torch_mnist_cgn
+
+    texture = dict(texture_mode=config.model.texture_mode, patch_size=config.model.patch_size) if config else {}
+    path = Path(checkpoint)
+    if path.suffix in (".pth", ".pt", ".bin"):
+        variables = load_torch_mnist_cgn(path)
+        return MnistCGN(**texture), variables
+    if (path / "generator").is_dir():  # a training workdir
+        path = path / "generator"
+    return load_mnist_cgn(path, **texture)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "n_shapes", "num_cfs", "as_uint8"))
+def sample_counterfactuals(model: MnistCGN, variables, key, n_shapes: int, num_cfs: int, as_uint8: bool = True):
+    """n_shapes masks x num_cfs counterfactuals each: images (num_cfs*n_shapes, 32, 32, 3) and labels."""
+    k_y, k_u, k_cf = jax.random.split(key, 3)
+    y = jax.random.randint(k_y, (n_shapes,), 0, model.n_classes)
+    u = model.sample_noise(k_u, n_shapes)
+    mask = jnp.clip(model.apply(variables, u, y, method=MnistCGN.shape).astype(jnp.float32), *MASK_CLAMP)
+
+    def one_counterfactual(k):
+        k_ut, k_ub, k_yt, k_yb, k_st, k_sb = jax.random.split(k, 6)
+        y_t = jax.random.randint(k_yt, (n_shapes,), 0, model.n_classes)
+        y_b = jax.random.randint(k_yb, (n_shapes,), 0, model.n_classes)
+        fg = model.apply(variables, model.sample_noise(k_ut, n_shapes), y_t, method=MnistCGN.texture)
+        bg = model.apply(variables, model.sample_noise(k_ub, n_shapes), y_b, method=MnistCGN.background)
+        if model.texture_mode != "none":
+            fg = texture_layer(k_st, fg.astype(jnp.float32), model.texture_mode, model.patch_size)
+            bg = texture_layer(k_sb, bg.astype(jnp.float32), model.texture_mode, model.patch_size)
+        return compose(mask, fg, bg), y_t, y_b
+
+    images, y_t, y_b = jax.vmap(one_counterfactual)(jax.random.split(k_cf, num_cfs))
+    images = einops.rearrange(images, "k b h w c -> (k b) h w c")
+    if as_uint8:
+        images = jnp.round((jnp.clip(images, -1, 1) + 1) * 127.5).astype(jnp.uint8)
+    y_s = einops.repeat(y, "b -> (k b)", k=num_cfs)
+    return {"image": images, "label": y_s, "shape_label": y_s, "texture_label": y_t.reshape(-1),
+            "background_label": y_b.reshape(-1)}
+
+
+def write_sheet(model: MnistCGN, variables, path, key, n_cfs: int = 6):
+    """Rows = shape classes; columns: mask, foreground, background, composite, then counterfactual
+    composites whose texture label is class+j and background label class+2j (mod 10)."""
+    n = model.n_classes
+    y = jnp.arange(n)
+    k_u, k_t = jax.random.split(key)
+    u = model.sample_noise(k_u, n)
+    rngs = {"texture": k_t}
+    base = model.apply(variables, y, y, y, u=u, rngs=rngs)
+    cfs = [model.apply(variables, y, (y + j) % n, (y + 2 * j) % n, u=u, rngs=rngs)["image"] for j in range(1, n_cfs + 1)]
+    cf = einops.rearrange(jnp.stack(cfs), "j b h w c -> (b j) h w c")
+    panels = [("mask", to_uint8(base["mask"], (0, 1)), 1), ("foreground", to_uint8(base["foreground"]), 1),
+              ("background", to_uint8(base["background"]), 1), ("composite", to_uint8(base["image"]), 1),
+              (f"counterfactuals: texture y+j, background y+2j, j=1..{n_cfs}", to_uint8(cf), n_cfs)]
+    return save_sheet(path, panels, n_cols=1, title="rows: shape class 0-9")
+
+
+def generate_dataset(model, variables, key, num_images: int, num_cfs: int, batch_size: int, progress=True):
+    """num_images counterfactuals in jitted batches of `batch_size` images (batch_size // num_cfs shapes)."""
+    n_shapes = max(1, batch_size // num_cfs)
+    per_call = n_shapes * num_cfs
+    calls = -(-num_images // per_call)
+    parts = []
+    for i in tqdm(range(calls), desc="generating", unit="batch", disable=not progress):
+        parts.append(sample_counterfactuals(model, variables, jax.random.fold_in(key, i), n_shapes, num_cfs))
+    out = jax.device_get(parts)
+    return {k: np.concatenate([p[k] for p in out])[:num_images] for k in out[0]}
+
+
+def add_arguments(parser):
+    parser.add_argument("--checkpoint", required=False, default="",
+                        help="generator: Orbax dir from `cgn-jax port mnist`/`cgn-jax train` (a workdir works), or an official .pth")
+    parser.add_argument("--config", default="configs/mnist.py:colored", help="config (texture layer, generate.* settings)")
+    parser.add_argument("--out", default="generated", help="output directory")
+    parser.add_argument("--sheet", action="store_true", help="write a counterfactual sample sheet PNG")
+    parser.add_argument("--dataset", action="store_true", help="write a counterfactual TFDS dataset")
+    parser.add_argument("--num-images", type=int, default=None, help="dataset size (default config.generate.num_images)")
+    parser.add_argument("--num-cfs", type=int, default=None, help="counterfactuals per shape (default config.generate.num_cfs)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per jitted call (default config.generate.batch_size)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args):
+    from cgn_jax.cli import CLIError
+    from cgn_jax.config_loading import ConfigError, load_config
+    from cgn_jax.data.counterfactual import write_dataset
+    from cgn_jax.paths import shared_dir
+
+    try:
+        config = load_config(args.config, args.config_overrides)
+    except (ConfigError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    checkpoint = args.checkpoint or config.model.pretrained
+    if not checkpoint:
+        shared = shared_dir()
+        official = shared / "weights" / "cgn_mnist" / f"{config.variant}_MNIST.pth" if shared else None
+        if official is None or not official.is_file():
+            raise CLIError("no generator given: pass --checkpoint DIR (from `cgn-jax train` or `cgn-jax port mnist`)")
+        checkpoint = str(official)
+        print(f"using the official pretrained {config.variant} generator {official}")
+    try:
+        model, variables = load_generator(checkpoint, config)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = jax.random.PRNGKey(args.seed)
+    if not args.sheet and not args.dataset:
+        args.sheet = True
+    if args.sheet:
+        path = write_sheet(model, variables, out / f"counterfactuals_{config.variant}.png", key)
+        print(f"wrote {path}")
+    if args.dataset:
+        num = args.num_images or config.generate.num_images
+        cfs = args.num_cfs or config.generate.num_cfs
+        bs = args.batch_size or config.generate.batch_size
+        start = time.perf_counter()
+        arrays = generate_dataset(model, variables, jax.random.fold_in(key, 1), num, cfs, bs)
+        seconds = time.perf_counter() - start
+        meta = {"generator": str(Path(checkpoint).resolve()), "variant": config.variant, "num_cfs": cfs,
+                "seed": args.seed, "num_images": num}
+        path = write_dataset(out / "tfds", arrays, meta)
+        print(f"generated {num} images in {seconds:.1f}s ({num / seconds:.0f} images/s incl. compilation); wrote {path}")
+    return 0

@@ -1,0 +1,324 @@
+"""BigGAN-deep generator, numerically faithful to pytorch-pretrained-BigGAN.
+
+CGN's ImageNet mechanisms (shape, foreground texture, background) all start from
+the pretrained BigGAN-deep-256, so the port must reproduce the published model
+number for number, quirks included:
+
+* Conditional BatchNorm never uses batch statistics. Each BN layer stores 51 sets of
+  running statistics, one per truncation 0, 0.02, ..., 1, and the reference mixes
+  two neighbouring sets as `stats[i] * f + stats[i + 1] * (1 - f)` where
+  `f, i = modf(truncation / step)` in float64, except that an exact step (`f == 0`)
+  uses `stats[i]` alone. The weight on `i` is the fractional part, i.e. the mixing
+  is reversed relative to linear interpolation, and a truncation a hair above a step
+  picks (almost) the *next* set. `truncation_stats` reproduces this on the host in
+  float64 and hands the model two indices and two weights as arrays, so a jitted
+  model can take any truncation without recompiling.
+* Spectral norm is not part of this module: in inference the reference divides each
+  weight by `sigma = u . (W v)` computed from its stored `u` and `v` (no power
+  iteration); the converter folds that division into the weights
+  (`cgn_jax.port.biggan`), so the Flax model holds plain, already-normalised weights.
+* `conv_to_rgb` has `channel_width` outputs of which only the first 3 are used; the
+  port keeps just those 3 (the same numbers for 1/40th of the last conv's work).
+
+Parameters are float32; `dtype` selects the compute dtype (BN statistics and the
+attention softmax stay in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import chex
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# (up-sample?, in-channel multiplier, out-channel multiplier) per GenBlock, as in the
+# published config.json files. Every resolution has a plain block then an up-sampling one.
+LAYERS_128 = ((False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8),
+              (True, 8, 4), (False, 4, 4), (True, 4, 2), (False, 2, 2), (True, 2, 1))
+LAYERS_256 = ((False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8),
+              (True, 8, 8), (False, 8, 8), (True, 8, 4), (False, 4, 4), (True, 4, 2),
+              (False, 2, 2), (True, 2, 1))
+LAYERS_512 = ((False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8),
+              (True, 8, 8), (False, 8, 8), (True, 8, 4), (False, 4, 4), (True, 4, 2),
+              (False, 2, 2), (True, 2, 1), (False, 1, 1), (True, 1, 1))
+_LAYERS = {128: LAYERS_128, 256: LAYERS_256, 512: LAYERS_512}
+
+
+@dataclasses.dataclass(frozen=True)
+class BigGANConfig:
+    """Mirror of `pytorch_pretrained_biggan.BigGANConfig` (same field names, same JSON).
+
+    Defaults are BigGAN-deep-256, the model CGN uses. As in the reference, the class
+    embedding has `z_dim` outputs; `class_embed_dim` is carried for JSON round trips and
+    must equal `z_dim`.
+    """
+
+    output_dim: int = 256
+    z_dim: int = 128
+    class_embed_dim: int = 128
+    channel_width: int = 128
+    num_classes: int = 1000
+    layers: tuple = LAYERS_256
+    attention_layer_position: int = 8
+    eps: float = 1e-4
+    n_stats: int = 51
+
+    def __post_init__(self):
+        layers = tuple((bool(u), int(a), int(b)) for u, a, b in self.layers)
+        object.__setattr__(self, "layers", layers)
+        if self.class_embed_dim != self.z_dim:
+            raise ValueError(f"class_embed_dim ({self.class_embed_dim}) must equal z_dim ({self.z_dim}): the "
+                             "reference embeds classes into z_dim and ignores class_embed_dim")
+        ups = sum(u for u, _, _ in layers)
+        if 4 * 2**ups != self.output_dim:
+            raise ValueError(f"layers up-sample 4x4 by 2^{ups}, which is not output_dim {self.output_dim}")
+        for (_, _, out), (_, nxt, _) in zip(layers, layers[1:]):
+            if out != nxt:
+                raise ValueError(f"layer channels do not chain: {layers}")
+        for _, cin, cout in layers:
+            if cout not in (cin, cin // 2):  # the skip path can only keep all or the first half
+                raise ValueError(f"a GenBlock must keep or halve its channels, got {cin} -> {cout}")
+        if layers[0][1] != 16:
+            raise ValueError("the first GenBlock must take 16 * channel_width channels (gen_z's output)")
+        if layers[-1][2] != 1:
+            raise ValueError("the last GenBlock must output channel_width channels")
+        if self.n_stats < 2:
+            raise ValueError("n_stats must be at least 2")
+
+    @classmethod
+    def variant(cls, output_dim: int | str, **overrides) -> "BigGANConfig":
+        """The published biggan-deep-{128,256,512} config (optionally with overrides)."""
+        output_dim = int(output_dim)
+        if output_dim not in _LAYERS:
+            raise ValueError(f"unknown BigGAN-deep variant {output_dim}; valid: 128, 256, 512")
+        return cls(**{"output_dim": output_dim, "layers": _LAYERS[output_dim], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BigGANConfig":
+        """From a pytorch-pretrained-BigGAN `config.json` dict (or `to_dict` output)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown BigGAN config key(s) {unknown}; known: {sorted(fields)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = [list(layer) for layer in self.layers]
+        return d
+
+    @property
+    def cond_dim(self) -> int:
+        return 2 * self.z_dim
+
+
+class TruncationStats(NamedTuple):
+    """Which two of the stored BN statistics to mix, and with which weights.
+
+    `index` (2,) int32, `weight` (2,) float32. A pytree of arrays: pass it to a jitted
+    model in place of the truncation and a new truncation costs no recompile.
+    """
+
+    index: Any
+    weight: Any
+
+
+def truncation_stats(truncation: float, n_stats: int = 51) -> TruncationStats:
+    """Host-side, float64 reproduction of the reference's statistic selection (see module doc)."""
+    truncation = float(truncation)
+    if not 0.0 < truncation <= 1.0:
+        raise ValueError(f"truncation must be in (0, 1], got {truncation}")
+    step_size = 1.0 / (n_stats - 1)
+    coef, start = math.modf(truncation / step_size)
+    start = int(start)
+    if coef != 0.0:
+        index, weight = (start, start + 1), (coef, 1.0 - coef)
+    else:
+        index, weight = (start, start), (1.0, 0.0)
+    return TruncationStats(np.asarray(index, np.int32), np.asarray(weight, np.float32))
+
+
+def truncated_noise(key: jax.Array, batch: int, z_dim: int = 128, truncation: float = 1.0) -> jax.Array:
+    """Normal noise truncated to [-2, 2], times `truncation` (the reference's `truncated_noise_sample`)."""
+    return truncation * jax.random.truncated_normal(key, -2.0, 2.0, (batch, z_dim), jnp.float32)
+
+
+def upsample2x(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour x2 (each pixel becomes a 2x2 block), as F.interpolate(mode='nearest')."""
+    return einops.repeat(x, "n h w c -> n (h a) (w b) c", a=2, b=2)
+
+
+def _mix_stats(stats: jax.Array, ts: TruncationStats) -> jax.Array:
+    rows = jnp.take(stats, ts.index, axis=0)  # (2, C)
+    return rows[0] * ts.weight[0] + rows[1] * ts.weight[1]
+
+
+class ConditionalBatchNorm(nn.Module):
+    """BN with stored per-truncation statistics; gain `1 + scale(cond)`, bias `offset(cond)`."""
+
+    features: int
+    eps: float
+    n_stats: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cond, ts: TruncationStats):
+        means = self.variable("batch_stats", "running_means", jnp.zeros, (self.n_stats, self.features))
+        variances = self.variable("batch_stats", "running_vars", jnp.ones, (self.n_stats, self.features))
+        mean, var = _mix_stats(means.value, ts), _mix_stats(variances.value, ts)
+        gain = 1.0 + nn.Dense(self.features, use_bias=False, name="scale")(cond.astype(jnp.float32))
+        bias = nn.Dense(self.features, use_bias=False, name="offset")(cond.astype(jnp.float32))
+        # (x - mean) / sqrt(var + eps) * gain + bias, folded into one per-sample multiply-add.
+        a = gain * jax.lax.rsqrt(var + self.eps)  # (N, C)
+        b = bias - mean * a
+        return x * a[:, None, None, :].astype(self.dtype) + b[:, None, None, :].astype(self.dtype)
+
+
+class GenBlock(nn.Module):
+    """Bottleneck residual block: BN-ReLU-1x1, BN-ReLU-(up)-3x3, BN-ReLU-3x3, BN-ReLU-1x1."""
+
+    in_size: int
+    out_size: int
+    up_sample: bool
+    eps: float
+    n_stats: int
+    reduction_factor: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cond, ts):
+        mid = self.in_size // self.reduction_factor
+        bn = lambda c, name: ConditionalBatchNorm(c, self.eps, self.n_stats, self.dtype, name=name)
+        conv = lambda c, k, name: nn.Conv(c, (k, k), padding=k // 2, dtype=self.dtype, name=name)
+        h = conv(mid, 1, "conv_0")(nn.relu(bn(self.in_size, "bn_0")(x, cond, ts)))
+        h = nn.relu(bn(mid, "bn_1")(h, cond, ts))
+        if self.up_sample:
+            h = upsample2x(h)
+        h = conv(mid, 3, "conv_1")(h)
+        h = conv(mid, 3, "conv_2")(nn.relu(bn(mid, "bn_2")(h, cond, ts)))
+        h = conv(self.out_size, 1, "conv_3")(nn.relu(bn(mid, "bn_3")(h, cond, ts)))
+        skip = x
+        if self.in_size != self.out_size:  # the reference keeps the first half of the channels
+            skip = skip[..., : self.in_size // 2]
+        if self.up_sample:
+            skip = upsample2x(skip)
+        return h + skip
+
+
+class SelfAttention(nn.Module):
+    """SAGAN attention with 2x2-max-pooled keys/values and a learned residual gain `gamma`."""
+
+    channels: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.channels
+        conv = lambda f, name: nn.Conv(f, (1, 1), use_bias=False, dtype=self.dtype, name=name)
+        pool = lambda t: nn.max_pool(t, (2, 2), strides=(2, 2))
+        n, h, w, _ = x.shape
+        theta = einops.rearrange(conv(c // 8, "snconv1x1_theta")(x), "n h w c -> n (h w) c")
+        phi = einops.rearrange(pool(conv(c // 8, "snconv1x1_phi")(x)), "n h w c -> n (h w) c")
+        g = einops.rearrange(pool(conv(c // 2, "snconv1x1_g")(x)), "n h w c -> n (h w) c")
+        logits = jnp.einsum("npc,nqc->npq", theta, phi, preferred_element_type=jnp.float32)
+        attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = einops.rearrange(jnp.einsum("npq,nqc->npc", attn, g), "n (h w) c -> n h w c", h=h, w=w)
+        out = conv(c, "snconv1x1_o_conv")(out)
+        gamma = self.param("gamma", nn.initializers.zeros, (1,), jnp.float32)
+        return x + gamma.astype(self.dtype) * out
+
+
+class BigGANDeep(nn.Module):
+    """BigGAN-deep generator: `(z, class_vector, truncation) -> images` (N, H, W, 3) in [-1, 1].
+
+    Submodule names follow the PyTorch state dict (`layers_<i>` is `generator.layers.<i>`,
+    the attention layer taking its own index), so the converter is a plain renaming.
+    """
+
+    config: BigGANConfig = BigGANConfig()
+    dtype: Any = jnp.float32
+
+    def stats(self, truncation: float) -> TruncationStats:
+        return truncation_stats(truncation, self.config.n_stats)
+
+    @nn.compact
+    def __call__(self, z, class_vector, truncation, train: bool = False):
+        """`class_vector`: (N, num_classes) one-hot or soft, or (N,) integer labels.
+
+        `truncation`: a Python float in (0, 1] or a `TruncationStats` (e.g. from
+        `model.stats(t)`), the latter traceable. `train` changes nothing: the reference
+        BN always uses its stored statistics and spectral norm is folded into the weights.
+        """
+        del train
+        cfg = self.config
+        if isinstance(truncation, TruncationStats):
+            ts = truncation
+        else:
+            try:
+                truncation = float(truncation)
+            except jax.errors.ConcretizationTypeError:
+                raise TypeError("a traced truncation cannot reproduce the reference's float64 statistic "
+                                "selection; pass `model.stats(t)` (a TruncationStats of arrays) instead") from None
+            ts = self.stats(truncation)
+        ts = TruncationStats(jnp.asarray(ts.index, jnp.int32), jnp.asarray(ts.weight, jnp.float32))
+        chex.assert_shape(ts.index, (2,))
+        chex.assert_rank(z, 2)
+        n = z.shape[0]
+        chex.assert_shape(z, (n, cfg.z_dim))
+        if class_vector.ndim == 1 and jnp.issubdtype(class_vector.dtype, jnp.integer):
+            class_vector = jax.nn.one_hot(class_vector, cfg.num_classes)
+        chex.assert_shape(class_vector, (n, cfg.num_classes))
+
+        ch = cfg.channel_width
+        embed = nn.Dense(cfg.z_dim, use_bias=False, dtype=self.dtype, name="embeddings")(class_vector)
+        cond = jnp.concatenate([z.astype(self.dtype), embed.astype(self.dtype)], axis=-1)
+        h = nn.Dense(4 * 4 * 16 * ch, dtype=self.dtype, name="gen_z")(cond)
+        # The TF-derived gen_z output is laid out (h, w, c): already NHWC.
+        h = einops.rearrange(h, "n (h w c) -> n h w c", h=4, w=4)
+
+        index = 0
+        for i, (up, cin, cout) in enumerate(cfg.layers):
+            if i == cfg.attention_layer_position:
+                h = SelfAttention(ch * cin, dtype=self.dtype, name=f"layers_{index}")(h)
+                index += 1
+            h = GenBlock(ch * cin, ch * cout, up, cfg.eps, cfg.n_stats, dtype=self.dtype,
+                         name=f"layers_{index}")(h, cond, ts)
+            index += 1
+
+        h = _FinalBatchNorm(ch, cfg.eps, cfg.n_stats, self.dtype, name="bn")(h, ts)
+        h = nn.Conv(3, (3, 3), padding=1, dtype=self.dtype, name="conv_to_rgb")(nn.relu(h))
+        out = jnp.tanh(h.astype(jnp.float32))
+        chex.assert_shape(out, (n, cfg.output_dim, cfg.output_dim, 3))
+        return out
+
+    def init_shapes(self, batch: int = 1):
+        """`jax.eval_shape` of `init`: the variable tree this config expects, without allocating it."""
+        z = jnp.zeros((batch, self.config.z_dim), jnp.float32)
+        y = jnp.zeros((batch, self.config.num_classes), jnp.float32)
+        return jax.eval_shape(lambda k: self.init(k, z, y, 1.0), jax.random.PRNGKey(0))
+
+
+class _FinalBatchNorm(nn.Module):
+    """Unconditional BN before `conv_to_rgb` (affine `scale`, `bias`; stored statistics)."""
+
+    features: int
+    eps: float
+    n_stats: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, ts):
+        means = self.variable("batch_stats", "running_means", jnp.zeros, (self.n_stats, self.features))
+        variances = self.variable("batch_stats", "running_vars", jnp.ones, (self.n_stats, self.features))
+        scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        mean, var = _mix_stats(means.value, ts), _mix_stats(variances.value, ts)
+        a = scale * jax.lax.rsqrt(var + self.eps)
+        b = bias - mean * a
+        return x * a.astype(self.dtype) + b.astype(self.dtype)

@@ -1,0 +1,1 @@
+"""Converters from public PyTorch checkpoints to Orbax checkpoints of cgn-jax models."""

@@ -1,0 +1,1 @@
+"""Training loops and steps: one module per model family, read top to bottom."""

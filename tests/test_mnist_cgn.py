@@ -1,0 +1,147 @@
+"""The ported official MNIST CGN reproduces the reference outputs; bad checkpoints fail clearly."""
+
+from __future__ import annotations
+
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cgn_jax.checkpoint import CheckpointMismatchError, flatten_with_names, read_meta, restore_variables
+from cgn_jax.models.mnist_cgn import MnistCGN, init_variables
+from cgn_jax.port import mnist as port_mnist
+from cgn_jax.port.common import PortError
+from cgn_jax.port.torch_pickle import TorchFileError, load_state_dict
+
+
+def _nhwc(x):
+    return np.transpose(x, (0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("variant", ["colored", "double_colored"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_port_reproduces_golden(variant, mode, cgn_weights, reference):
+    variables = port_mnist.load_torch_mnist_cgn(cgn_weights / f"{variant}_MNIST.pth")
+    golden = np.load(reference / f"cgn_{variant}_MNIST_golden.npz")
+    model = MnistCGN()
+    args = [jnp.asarray(golden[k]) for k in ("u", "y", "y_texture", "y_background")]
+    train = mode == "train"
+    out = model.apply(variables, *args, train=train, method=MnistCGN.mechanisms,
+                      mutable=["batch_stats"] if train else False)
+    mask, fg, bg = out[0] if train else out
+    np.testing.assert_allclose(mask, _nhwc(golden[f"{mode}_shape_raw"]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(fg, _nhwc(golden[f"{mode}_texture_raw"]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(bg, _nhwc(golden[f"{mode}_background_raw"]), atol=1e-4, rtol=0)
+
+
+def test_wildlife_ports_and_runs(cgn_weights):
+    variables = port_mnist.load_torch_mnist_cgn(cgn_weights / "wildlife_MNIST.pth")
+    model = MnistCGN()
+    y = jnp.arange(10)
+    out = model.apply(variables, y, rngs={"noise": jax.random.PRNGKey(0), "texture": jax.random.PRNGKey(1)})
+    assert out["image"].shape == (10, 32, 32, 3)
+    assert out["mask"].min() >= np.float32(1e-4) and out["mask"].max() <= np.float32(1 - 1e-4)
+    assert np.isfinite(np.asarray(out["image"])).all()
+
+
+def test_orbax_round_trip_is_exact(cgn_weights, tmp_path):
+    src = cgn_weights / "double_colored_MNIST.pth"
+    dst = port_mnist.convert(src, tmp_path / "dc")
+    model, restored = port_mnist.load_mnist_cgn(dst)
+    original = flatten_with_names(port_mnist.load_torch_mnist_cgn(src))
+    again = flatten_with_names(restored)
+    assert original.keys() == again.keys()
+    for k in original:
+        np.testing.assert_array_equal(original[k], again[k], err_msg=k)
+    meta = read_meta(dst)
+    assert meta["model"] == "mnist_cgn" and meta["variant"] == "double_colored"
+    assert model.latent_dim == 32 and model.ngf == 32
+
+
+def test_counterfactual_labels_drive_their_mechanism_only(cgn_weights):
+    variables = port_mnist.load_torch_mnist_cgn(cgn_weights / "colored_MNIST.pth")
+    model = MnistCGN()
+    u = jax.random.normal(jax.random.PRNGKey(0), (4, 32))
+    y = jnp.array([1, 3, 5, 7])
+    other = jnp.array([2, 4, 6, 8])
+    base = model.apply(variables, u, y, y, y, method=MnistCGN.mechanisms)
+    cf = model.apply(variables, u, y, other, y, method=MnistCGN.mechanisms)
+    np.testing.assert_array_equal(base[0], cf[0])  # shape unchanged
+    np.testing.assert_array_equal(base[2], cf[2])  # background unchanged
+    assert float(jnp.abs(base[1] - cf[1]).max()) > 0.1  # texture changed
+
+
+def test_torch_free_reader_matches_torch(cgn_weights, tmp_path):
+    torch = pytest.importorskip("torch")
+    src = cgn_weights / "wildlife_MNIST.pth"
+    ours = load_state_dict(src)
+    theirs = torch.load(src, map_location="cpu")
+    assert ours.keys() == theirs.keys()
+    for k, v in theirs.items():
+        np.testing.assert_array_equal(ours[k], v.numpy(), err_msg=k)
+    # the pre-1.6 serialisation, with a non-contiguous tensor
+    legacy = dict(theirs)
+    legacy["transposed"] = torch.arange(12.0).reshape(3, 4).t()
+    torch.save(legacy, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    ours = load_state_dict(tmp_path / "legacy.pth")
+    for k, v in legacy.items():
+        np.testing.assert_array_equal(ours[k], v.numpy(), err_msg=k)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        port_mnist.load_torch_mnist_cgn(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="no cgn-jax checkpoint"):
+        port_mnist.load_mnist_cgn(tmp_path)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(cgn_weights, tmp_path):
+    data = (cgn_weights / "colored_MNIST.pth").read_bytes()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TorchFileError, match="corrupt or truncated"):
+        port_mnist.load_torch_mnist_cgn(truncated)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(TorchFileError):
+        port_mnist.load_torch_mnist_cgn(garbage)
+
+
+def test_wrong_checkpoint_names_the_tensor(reference, cgn_weights, tmp_path):
+    with pytest.raises(PortError, match="label_emb.weight"):
+        port_mnist.load_torch_mnist_cgn(reference / "u2netp_random.pth")
+    tensors = load_state_dict(cgn_weights / "colored_MNIST.pth")
+    tensors["f_text1.7.weight"] = tensors["f_text1.7.weight"][:, :-1]
+    with pytest.raises(PortError, match=r"f_text1\.7\.weight.*shape"):
+        port_mnist.torch_to_flax(tensors)
+    tensors = load_state_dict(cgn_weights / "colored_MNIST.pth")
+    tensors["extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(PortError, match="extra.weight"):
+        port_mnist.torch_to_flax(tensors)
+
+
+def test_restore_into_a_differently_sized_model_names_the_tensor(cgn_weights, tmp_path):
+    dst = port_mnist.convert(cgn_weights / "colored_MNIST.pth", tmp_path / "c")
+    small = MnistCGN(ngf=16)
+    expected = jax.eval_shape(lambda: init_variables(small, jax.random.PRNGKey(0)))
+    with pytest.raises(CheckpointMismatchError, match=r"f_shape/bn1/mean' has shape \(32,\), the model expects \(16,\)"):
+        restore_variables(dst, expected=expected)
+
+
+def test_corrupt_orbax_checkpoint_is_a_clear_error(cgn_weights, tmp_path):
+    dst = port_mnist.convert(cgn_weights / "colored_MNIST.pth", tmp_path / "c")
+    for f in (dst / "variables").rglob("*"):
+        if f.is_file() and f.name != "meta.json":
+            f.write_bytes(b"\0" * 7)
+    with pytest.raises(CheckpointMismatchError, match="corrupt"):
+        port_mnist.load_mnist_cgn(dst)
+
+
+def test_cli_port_mnist(cgn_weights, tmp_path):
+    from cgn_jax.cli import main
+
+    assert main(["port", "mnist", "--src", str(cgn_weights / "wildlife_MNIST.pth"), "--dst", str(tmp_path / "w")]) == 0
+    assert (tmp_path / "w" / "variables").is_dir()
+    assert main(["port", "mnist", "--src", str(tmp_path / "missing.pth"), "--dst", str(tmp_path / "x")]) == 2
