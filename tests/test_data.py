@@ -19,12 +19,13 @@ import pytest  # noqa: E402
 
 from cgn_jax.data import builders, idx, palettes, render  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED as _SHARED_ROOT  # noqa: E402  (../shared or $CGN_JAX_SHARED)
+
+SHARED = _SHARED_ROOT / "data"
 MNIST_DIR = SHARED / "mnist"
 TEXTURES_DIR = SHARED / "textures"
 VARIANTS = ("colored", "double_colored", "wildlife")
 
-pytestmark = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason="needs ../shared/data/mnist")
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -33,6 +33,11 @@ PORT_ATOL = 1e-4
 # <= 1.5e-2 on the stored intermediates (logits and stage outputs). Tolerances leave ~3x margin.
 BF16_OUTPUT_ATOL = 2e-3
 BF16_INTERMEDIATE_RTOL = 3e-2
+# Training mode (batch statistics) at 45x37, batch 2: the deepest maps are 2x2, so ~130 batch
+# normalisations over as few as 8 values per channel amplify float32 rounding; measured 1.3e-4
+# (2.1e-4 with Flax's one-pass variance). In float64 both frameworks agree to 1e-11 on every
+# stage, so this is conditioning, not a porting difference.
+TRAIN_MODE_ATOL = 1e-3
 
 pytestmark = pytest.mark.skipif(not (PTH.is_file() and GOLDEN.is_file() and MANIFEST.is_file()),
                                 reason="reference files under /work/shared/reference are missing")
@@ -226,7 +231,7 @@ def test_torch_reference_odd_size_train_mode(golden, small_state_dict, small_var
     y, updates = jax.jit(lambda v, x: U2Net.small().apply(v, x, train=True, mutable=["batch_stats"]))(
         small_variables, jnp.asarray(nhwc(x)))
     assert y.shape == (2, 45, 37, 1)
-    np.testing.assert_allclose(nchw(y), ref, rtol=0, atol=PORT_ATOL)
+    np.testing.assert_allclose(nchw(y), ref, rtol=0, atol=TRAIN_MODE_ATOL)
     check_tree_matches(small_variables["batch_stats"], updates["batch_stats"])
     for name in ("stage1.rebnconvin", "stage6.rebnconv4", "stage3d.rebnconv1d"):
         stage, layer = name.split(".")

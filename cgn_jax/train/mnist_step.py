@@ -169,9 +169,8 @@ class _StepFns:
         steps_per_epoch = self.num_examples // global_batch
         ids = jax.lax.axis_index(self.axis_name) * b + jnp.arange(b)
         k_perm, k_steps = jax.random.split(run_key)
-        k_idx, k_aug, k_label, k_noise, k_tex, k_drop_g, k_drop_real, k_drop_fake = jax.random.split(
-            jax.random.fold_in(k_steps, step), 8)
-        del k_idx  # reserved
+        k_aug, k_label, k_noise, k_tex, k_drop_g, k_drop_real, k_drop_fake = jax.random.split(
+            jax.random.fold_in(k_steps, step), 7)
 
         epoch, pos = step // steps_per_epoch, step % steps_per_epoch
         perm = jax.random.permutation(jax.random.fold_in(k_perm, epoch), self.num_examples)
@@ -269,17 +268,28 @@ def _metrics(terms: dict, mask, axis_name: str) -> dict:
     return {k: metrics[k].astype(jnp.float32) for k in METRICS}
 
 
+def _local_batch(global_batch: int, num_examples: int, devices) -> int:
+    from cgn_jax.parallel import per_device_batch
+
+    local = per_device_batch(global_batch, len(devices) * jax.process_count())
+    if num_examples < global_batch:
+        raise ValueError(f"the training set has {num_examples} examples, fewer than one global batch "
+                         f"({global_batch}); lower train.batch_size or raise dataset.limit")
+    return local
+
+
 def pmap_train_step(config, global_batch: int, num_examples: int, devices: Sequence | None = None):
     """The compiled step over `devices` (default: all local ones); state and metrics are donated.
 
     Raises `parallel.BatchSplitError` if the global batch does not split over the devices.
     """
-    from cgn_jax.parallel import per_device_batch
-
     devices = list(devices) if devices is not None else jax.local_devices()
-    local = per_device_batch(global_batch, len(devices) * jax.process_count())
-    if num_examples < global_batch:
-        raise ValueError(f"the training set has {num_examples} examples, fewer than one global batch "
-                         f"({global_batch}); lower train.batch_size or raise dataset.limit")
-    step = make_train_step(config, local, num_examples)
+    step = make_train_step(config, _local_batch(global_batch, num_examples, devices), num_examples)
     return jax.pmap(step, axis_name=AXIS, devices=devices, donate_argnums=(0, 1))
+
+
+def pmap_eval_step(config, global_batch: int, num_examples: int, devices: Sequence | None = None):
+    """`make_eval_step` compiled over `devices`; `at_step` is a replicated int32."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+    evaluate = make_eval_step(config, _local_batch(global_batch, num_examples, devices), num_examples)
+    return jax.pmap(evaluate, axis_name=AXIS, devices=devices)

@@ -1,0 +1,93 @@
+"""Resumable training checkpoints: an Orbax CheckpointManager over one train-state pytree.
+
+A checkpoint holds everything that decides the rest of the run (both networks'
+parameters, BatchNorm statistics and optimizer states, the step and the run's RNG
+key) plus a small JSON record, so re-running the same command continues the same
+run bit for bit. Saving is asynchronous where Orbax supports it: the state is copied
+to host memory first, and the write overlaps the following training steps.
+
+The state is stored as Flax's state dict of the pytree (nested dicts), which Orbax
+reads back without knowing the dataclasses; `restore` maps it onto a template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import flax.serialization
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cgn_jax.checkpoint import CheckpointMismatchError, check_tree_matches
+
+
+def _shapes(metadata):
+    if metadata is None:
+        return None
+    tree = getattr(metadata, "tree", metadata)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree,
+                        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+class TrainCheckpoints:
+    """`save(step, state, meta)` / `restore(template)` / `latest_step()` under `directory`, keeping the last k."""
+
+    def __init__(self, directory: str | Path, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(max_to_keep)), create=True,
+                                               enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict | None = None) -> bool:
+        """Start saving `state` (device or host arrays) as checkpoint `step`; False if it already exists."""
+        step = int(step)
+        if step in self._manager.all_steps():
+            return False
+        tree = flax.serialization.to_state_dict(jax.tree.map(np.asarray, jax.device_get(state)))
+        return self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(dict(meta or {}, step=step))), force=True)
+
+    def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
+        """(state shaped like `template`, meta) of checkpoint `step` (default: the latest)."""
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        target = flax.serialization.to_state_dict(
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template))
+        try:
+            stored = _shapes(self._manager.item_metadata(step)["state"])
+            if stored is not None:
+                    check_tree_matches(target, stored, what=f"checkpoint {self.directory / str(step)}")
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"{e}. The checkpoint was written with another config; use a new "
+                                          "--workdir or the original config") from None
+        except (KeyError, TypeError, AttributeError):
+            pass  # metadata unavailable in this Orbax version: the restore below still checks shapes
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        state = flax.serialization.from_state_dict(template, jax.tree.map(np.asarray, restored["state"]))
+        return state, dict(restored["meta"] or {})
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,577 @@
+"""Training the Table 1 classifiers: whole epochs as single on-device calls.
+
+The classifier is tiny (67k parameters, 32x32 inputs), so on an accelerator a step takes
+well under a millisecond and anything the host does per step (fetching a batch, rendering
+colours, sampling the CGN, reading a metric) would dominate. So everything a step needs
+lives on the device: the digits and cue labels of the real split (rendered with fresh
+augmentation inside the step), the generator's weights (counterfactuals are sampled
+inside the step and never leave the device) or a stored counterfactual dataset, and the
+test split. An epoch is a `lax.scan` over its steps, pmapped over the local devices
+(gradients `pmean`-ed, BatchNorm statistics synchronised) and vmapped over independent
+runs (seeds), so a Table 1 row is one call per epoch for all of its seeds together.
+
+This module is plain JAX/Flax/optax (no ml_collections, no tensorflow_datasets, tqdm
+optional): the data arrive as numpy arrays, so a machine without the TFDS stack can run
+it on data exported elsewhere (see `cgn_jax.table1`).
+
+Conventions kept from the official `train_classifier.py`: Adadelta (lr 1.0, rho 0.9,
+eps 1e-6, as torch), lr x 0.7 after every epoch (StepLR), batch 64, 10 epochs, NLL of
+log-softmax outputs, train accuracy counted on the training batches in train mode, test
+accuracy on the (seeded, randomised) test split after every epoch. One difference: an
+epoch drops the last partial batch (fixed shapes keep it a single compiled call).
+
+Epochs and mixed batches: an epoch is `len(real train split) // batch_size` steps in
+every mode (so every Table 1 row gets the same number of updates); with a real fraction
+f < 1 each epoch sees a fresh random f-sized share of the real split. `cgn_only` from a
+stored dataset takes one pass over that dataset per epoch, as the official code does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import chex
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cgn_jax import irm
+from cgn_jax.compose import compose, texture_layer
+from cgn_jax.data import palettes
+from cgn_jax.data.render import render_batch
+from cgn_jax.models.classifier import CNN, init_variables
+from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
+from cgn_jax.parallel import AXIS, replicate
+
+MODES = ("original", "original+gan", "original+cgn", "cgn_only")
+GENERATED_MODES = ("original+gan", "original+cgn", "cgn_only")
+ON_THE_FLY = "on_the_fly"
+DATASET = "dataset"
+CF_SOURCES = (ON_THE_FLY, DATASET)
+
+
+class SetupError(ValueError):
+    """A classifier setup that cannot run (bad mode, batch split, missing data)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierSetup:
+    """Everything that shapes the compiled training step (hashable: a static argument)."""
+
+    variant: str
+    mode: str = "original+cgn"
+    irm_correlations: tuple[float, ...] = ()  # empty: no IRM; else one environment per value
+    irm_penalty_weight: float = irm.DEFAULT_PENALTY_WEIGHT
+    irm_anneal_steps: int = irm.DEFAULT_ANNEAL_STEPS
+    real_fraction: float = 0.5      # share of real images in a mixed (original+X) batch
+    cf_source: str = ON_THE_FLY     # or DATASET (arrays 'cf_image', 'cf_label' in the data)
+    num_cfs: int = 1                # on the fly: counterfactuals per sampled shape in a batch
+    batch_size: int = 64            # global, split over the devices
+    epochs: int = 10
+    lr: float = 1.0
+    lr_decay: float = 0.7           # StepLR gamma, applied after every epoch
+    rho: float = 0.9
+    eps: float = 1e-6
+    pool: str = "official"          # classifier head, see cgn_jax.models.classifier
+    steps_per_epoch: int = 0        # 0: derived from the data (see module docstring)
+    steps_per_call: int = 0         # 0: one call per epoch; else smaller calls (finer progress)
+    eval_batch_size: int = 500
+
+    def __post_init__(self):
+        object.__setattr__(self, "variant", palettes.canonical_variant(self.variant))
+        object.__setattr__(self, "irm_correlations", tuple(float(c) for c in self.irm_correlations))
+        if self.mode not in MODES:
+            raise SetupError(f"unknown data mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.cf_source not in CF_SOURCES:
+            raise SetupError(f"unknown counterfactual source {self.cf_source!r}; valid: {', '.join(CF_SOURCES)}")
+        if self.irm_correlations and self.mode != "original":
+            raise SetupError(f"IRM trains on real environments only; use mode 'original', not {self.mode!r}")
+        if any(not 0.0 <= c <= 1.0 for c in self.irm_correlations):
+            raise SetupError(f"IRM correlations must lie in [0, 1], got {self.irm_correlations}")
+        if self.mode == "original+gan" and self.cf_source != ON_THE_FLY:
+            raise SetupError("original+gan samples the CGN on the fly (stored datasets hold counterfactuals)")
+        if not 0.0 < self.real_fraction < 1.0 and self.mode in ("original+gan", "original+cgn"):
+            raise SetupError(f"real_fraction must be in (0, 1) for {self.mode}, got {self.real_fraction}")
+        for name in ("batch_size", "epochs", "num_cfs", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise SetupError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def n_envs(self) -> int:
+        return max(1, len(self.irm_correlations))
+
+    @property
+    def uses_generator(self) -> bool:
+        return self.mode in GENERATED_MODES and self.cf_source == ON_THE_FLY
+
+    @property
+    def uses_cf_dataset(self) -> bool:
+        return self.mode in GENERATED_MODES and self.cf_source == DATASET
+
+
+class BatchPlan(NamedTuple):
+    """Per-device composition of a step's batch."""
+
+    n_real: int  # real images per environment
+    n_gen: int   # generated images
+    n_envs: int
+
+    @property
+    def size(self) -> int:
+        return self.n_envs * self.n_real + self.n_gen
+
+
+def batch_plan(setup: ClassifierSetup, n_devices: int) -> BatchPlan:
+    if setup.batch_size % n_devices:
+        raise SetupError(f"batch_size {setup.batch_size} does not split over {n_devices} devices; "
+                         f"use a multiple of {n_devices}")
+    b = setup.batch_size // n_devices
+    if setup.mode == "original":
+        n_real = b
+    elif setup.mode == "cgn_only":
+        n_real = 0
+    else:
+        n_real = int(round(b * setup.real_fraction))
+        if not 0 < n_real < b:
+            raise SetupError(f"real_fraction {setup.real_fraction} leaves no real or no generated images "
+                             f"in a per-device batch of {b}")
+    n_gen = b - n_real
+    if setup.uses_generator and n_gen % setup.num_cfs:
+        raise SetupError(f"{n_gen} generated images per device batch are not a multiple of num_cfs="
+                         f"{setup.num_cfs}; change data.num_cfs or data.real_fraction")
+    return BatchPlan(n_real, n_gen, setup.n_envs)
+
+
+def steps_per_epoch(setup: ClassifierSetup, n_real: int, n_cf: int = 0) -> int:
+    if setup.steps_per_epoch:
+        return setup.steps_per_epoch
+    n = n_cf if (setup.mode == "cgn_only" and setup.uses_cf_dataset) else n_real
+    steps = n // setup.batch_size
+    if steps < 1:
+        raise SetupError(f"{n} training examples make no batch of {setup.batch_size}")
+    return steps
+
+
+def make_schedule(setup: ClassifierSetup, n_steps_per_epoch: int) -> optax.Schedule:
+    """StepLR(step_size=1 epoch, gamma=lr_decay): lr * gamma ** (step // steps_per_epoch)."""
+    return optax.exponential_decay(setup.lr, transition_steps=n_steps_per_epoch,
+                                   decay_rate=setup.lr_decay, staircase=True)
+
+
+def make_optimizer(setup: ClassifierSetup, n_steps_per_epoch: int) -> optax.GradientTransformation:
+    return optax.adadelta(make_schedule(setup, n_steps_per_epoch), rho=setup.rho, eps=setup.eps)
+
+
+# ---------------------------------------------------------------- generated images
+class Generator(NamedTuple):
+    model: MnistCGN
+    variables: Any
+
+
+def sample_generated(model: MnistCGN, variables, key: jax.Array, n_shapes: int, num_cfs: int,
+                     counterfactual: bool = True) -> dict[str, jax.Array]:
+    """Images from the CGN in [-1, 1] (float32) with their labels; jit-friendly.
+
+    counterfactual=True: the procedure (and key use) of `cgn_jax.generate.sample_counterfactuals`,
+    i.e. the official `generate_data.py`: one mask per (noise, shape label), then per
+    counterfactual fresh noise and random labels for texture and background; labelled with
+    the shape label. counterfactual=False: the CGN as a plain conditional GAN (one noise
+    vector and one label for all mechanisms), the paper's 'Original + GAN' data.
+    """
+    if not counterfactual:
+        k_y, k_u, k_t = jax.random.split(key, 3)
+        n = n_shapes * num_cfs
+        y = jax.random.randint(k_y, (n,), 0, model.n_classes)
+        out = model.apply(variables, y, u=model.sample_noise(k_u, n), rngs={"texture": k_t})
+        return {"image": out["image"], "label": y, "shape_label": y, "texture_label": y, "background_label": y}
+    k_y, k_u, k_cf = jax.random.split(key, 3)
+    y = jax.random.randint(k_y, (n_shapes,), 0, model.n_classes)
+    u = model.sample_noise(k_u, n_shapes)
+    mask = jnp.clip(model.apply(variables, u, y, method=MnistCGN.shape).astype(jnp.float32), *MASK_CLAMP)
+
+    def one_counterfactual(k):
+        k_ut, k_ub, k_yt, k_yb, k_st, k_sb = jax.random.split(k, 6)
+        y_t = jax.random.randint(k_yt, (n_shapes,), 0, model.n_classes)
+        y_b = jax.random.randint(k_yb, (n_shapes,), 0, model.n_classes)
+        fg = model.apply(variables, model.sample_noise(k_ut, n_shapes), y_t, method=MnistCGN.texture)
+        bg = model.apply(variables, model.sample_noise(k_ub, n_shapes), y_b, method=MnistCGN.background)
+        if model.texture_mode != "none":
+            fg = texture_layer(k_st, fg.astype(jnp.float32), model.texture_mode, model.patch_size)
+            bg = texture_layer(k_sb, bg.astype(jnp.float32), model.texture_mode, model.patch_size)
+        return compose(mask, fg.astype(jnp.float32), bg.astype(jnp.float32)), y_t, y_b
+
+    images, y_t, y_b = jax.vmap(one_counterfactual)(jax.random.split(k_cf, num_cfs))
+    # counterfactual k of shape b lands at row k * n_shapes + b (as in generate.py)
+    images = einops.rearrange(images, "k b h w c -> (k b) h w c")
+    y_s = einops.repeat(y, "b -> (k b)", k=num_cfs)
+    return {"image": images, "label": y_s, "shape_label": y_s,
+            "texture_label": einops.rearrange(y_t, "k b -> (k b)"),
+            "background_label": einops.rearrange(y_b, "k b -> (k b)")}
+
+
+# ---------------------------------------------------------------- data on the device
+def prepare_data(data: dict[str, np.ndarray], setup: ClassifierSetup, n_devices: int,
+                 assets: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+    """Check the host arrays and lay them out for the device: (arrays, eval batch size).
+
+    data: 'digit' (N,32,32,1) uint8, 'label' (N,), 'fg_label'/'bg_label' (E,N) or (N,),
+    'test_image' (M,32,32,3) uint8, 'test_label' (M,); for a stored counterfactual dataset
+    also 'cf_image' (K,32,32,3) uint8, 'cf_label' (K,). The test split is padded to a
+    whole number of eval batches per device, with a mask.
+    """
+    s = palettes.IMAGE_SIZE
+    digit = np.asarray(data["digit"], np.uint8)
+    n = digit.shape[0]
+    chex.assert_shape(digit, (n, s, s, 1))
+    label = np.asarray(data["label"]).astype(np.int32)
+    fg, bg = (np.asarray(data[k]).astype(np.int32) for k in ("fg_label", "bg_label"))
+    fg, bg = (x[None] if x.ndim == 1 else x for x in (fg, bg))
+    chex.assert_shape(label, (n,))
+    chex.assert_shape([fg, bg], (setup.n_envs, n))
+    test_image = np.asarray(data["test_image"], np.uint8)
+    m = test_image.shape[0]
+    chex.assert_shape(test_image, (m, s, s, 3))
+    test_label = np.asarray(data["test_label"]).astype(np.int32)
+    chex.assert_shape(test_label, (m,))
+    eval_bs = max(1, min(setup.eval_batch_size, -(-m // n_devices)))
+    padded = -(-m // (eval_bs * n_devices)) * eval_bs * n_devices
+    pad = padded - m
+    out = {
+        "digit": digit, "label": label, "fg_label": fg, "bg_label": bg,
+        "test_image": np.concatenate([test_image, np.zeros((pad, s, s, 3), np.uint8)]),
+        "test_label": np.concatenate([test_label, np.zeros((pad,), np.int32)]),
+        "test_mask": np.concatenate([np.ones((m,), np.float32), np.zeros((pad,), np.float32)]),
+        "assets": {k: np.asarray(v, np.float32) for k, v in assets.items()},
+    }
+    if setup.uses_cf_dataset:
+        if "cf_image" not in data:
+            raise SetupError("cf_source 'dataset' needs a counterfactual dataset (cgn-jax generate --dataset)")
+        cf_image = np.asarray(data["cf_image"], np.uint8)
+        k = cf_image.shape[0]
+        chex.assert_shape(cf_image, (k, s, s, 3))
+        out["cf_image"] = cf_image
+        out["cf_label"] = np.asarray(data["cf_label"]).astype(np.int32)
+        chex.assert_shape(out["cf_label"], (k,))
+    return out, eval_bs
+
+
+# ---------------------------------------------------------------- the step
+class TrainState(NamedTuple):
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    step: jax.Array
+
+
+_METRIC_KEYS = ("nll_sum", "count", "correct", "correct_real", "count_real", "correct_gen", "count_gen",
+                "penalty_sum", "steps")
+
+
+def _epoch_permutations(epoch_key, setup: ClassifierSetup, n_real: int, n_cf: int):
+    """Index orders of this epoch, identical on every device (each takes its own slice)."""
+    k_real, k_cf = jax.random.split(jax.random.fold_in(epoch_key, 0))
+    perms = {"real": jnp.stack([jax.random.permutation(jax.random.fold_in(k_real, e), n_real)
+                                for e in range(setup.n_envs)])}
+    if setup.uses_cf_dataset:
+        perms["cf"] = jax.random.permutation(k_cf, n_cf)
+    return perms
+
+
+def training_batch(key: jax.Array, step: jax.Array, perms: dict, data: dict, gen_variables, *,
+                   setup: ClassifierSetup, plan: BatchPlan, gen_model: MnistCGN | None,
+                   device: jax.Array | int = 0, n_devices: int = 1) -> dict[str, jax.Array]:
+    """One device's batch for `step` of the epoch whose index orders are `perms`.
+
+    Returns 'image' (plan.size, 32, 32, 3) float32 in [-1, 1] and 'label': first the real
+    images environment by environment (n_real each), then the generated ones.
+    """
+    k_real, k_gen = jax.random.split(key)
+    images, labels = [], []
+    if plan.n_real:
+        n = data["digit"].shape[0]
+        offset = step * plan.n_real * n_devices + device * plan.n_real
+        for e in range(plan.n_envs):
+            idx = perms["real"][e][(offset + jnp.arange(plan.n_real)) % n]
+            batch = {"digit": data["digit"][idx], "fg_label": data["fg_label"][e][idx],
+                     "bg_label": data["bg_label"][e][idx]}
+            images.append(render_batch(jax.random.fold_in(k_real, e), batch, data["assets"],
+                                       setup.variant, train=True))
+            labels.append(data["label"][idx])
+    if plan.n_gen:
+        if setup.uses_generator:
+            out = sample_generated(gen_model, gen_variables, k_gen, plan.n_gen // setup.num_cfs, setup.num_cfs,
+                                   counterfactual=setup.mode != "original+gan")
+            images.append(out["image"].astype(jnp.float32))
+            labels.append(out["label"].astype(jnp.int32))
+        else:
+            k = data["cf_image"].shape[0]
+            offset = step * plan.n_gen * n_devices + device * plan.n_gen
+            idx = perms["cf"][(offset + jnp.arange(plan.n_gen)) % k]
+            images.append(data["cf_image"][idx].astype(jnp.float32) / 127.5 - 1.0)
+            labels.append(data["cf_label"][idx])
+    return {"image": jnp.concatenate(images), "label": jnp.concatenate(labels).astype(jnp.int32)}
+
+
+def _train_step(state: TrainState, batch: dict, *, model: CNN, tx, setup: ClassifierSetup, plan: BatchPlan):
+    images, labels = batch["image"], batch["label"]
+    n_real = plan.n_envs * plan.n_real
+
+    def loss_fn(params):
+        log_probs, mutated = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                         train=True, mutable=["batch_stats"])
+        if setup.irm_correlations:
+            # environments occupy consecutive blocks of the batch
+            lp = einops.rearrange(log_probs, "(e b) c -> e b c", e=plan.n_envs)
+            lab = einops.rearrange(labels, "(e b) -> e b", e=plan.n_envs)
+            weight = irm.penalty_weight(state.step, setup.irm_penalty_weight, setup.irm_anneal_steps)
+            loss, (risk, penalty) = irm.irm_objective(lp, lab, weight)
+        else:
+            loss = risk = irm.nll(log_probs, labels)
+            penalty = jnp.float32(0.0)
+        return loss, (log_probs, mutated["batch_stats"], risk, penalty)
+
+    (_, (log_probs, batch_stats, risk, penalty)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    correct = (jnp.argmax(log_probs, -1) == labels).astype(jnp.float32)
+    size = jnp.float32(plan.size)
+    metrics = {"nll_sum": risk * size, "count": size, "correct": correct.sum(),
+               "correct_real": correct[:n_real].sum(), "count_real": jnp.float32(n_real),
+               "correct_gen": correct[n_real:].sum(), "count_gen": jnp.float32(plan.n_gen),
+               "penalty_sum": penalty, "steps": jnp.float32(1.0)}
+    return TrainState(params, batch_stats, opt_state, state.step + 1), metrics
+
+
+def _member_chunk(state, member_key, data, gen_variables, epoch, start, *, n_steps: int, model, tx,
+                  setup: ClassifierSetup, plan: BatchPlan, gen_model, n_devices: int):
+    """`n_steps` steps of one run (seed) on one device, from step `start` of epoch `epoch`."""
+    epoch_key = jax.random.fold_in(member_key, epoch)
+    n_cf = data["cf_image"].shape[0] if "cf_image" in data else 0
+    perms = _epoch_permutations(epoch_key, setup, data["digit"].shape[0], n_cf)
+    device = jax.lax.axis_index(AXIS)
+    step_key = jax.random.fold_in(epoch_key, 1)
+
+    def body(carry, i):
+        state, sums = carry
+        step = start + i
+        key = jax.random.fold_in(jax.random.fold_in(step_key, step), device)
+        batch = training_batch(key, step, perms, data, gen_variables, setup=setup, plan=plan,
+                               gen_model=gen_model, device=device, n_devices=n_devices)
+        state, metrics = _train_step(state, batch, model=model, tx=tx, setup=setup, plan=plan)
+        return (state, jax.tree.map(jnp.add, sums, metrics)), None
+
+    zeros = {k: jnp.float32(0.0) for k in _METRIC_KEYS}
+    (state, sums), _ = jax.lax.scan(body, (state, zeros), jnp.arange(n_steps))
+    sums = jax.lax.psum(sums, AXIS)
+    sums["steps"] = sums["steps"] / n_devices
+    sums["penalty_sum"] = sums["penalty_sum"] / n_devices
+    return state, sums
+
+
+def _member_eval(state, data, *, model, eval_bs: int, n_devices: int):
+    """Correct count and summed NLL on the test split (each device its share)."""
+    rows = data["test_image"].shape[0] // n_devices
+    device = jax.lax.axis_index(AXIS)
+
+    def body(sums, i):
+        start = device * rows + i * eval_bs
+        image = jax.lax.dynamic_slice_in_dim(data["test_image"], start, eval_bs)
+        label = jax.lax.dynamic_slice_in_dim(data["test_label"], start, eval_bs)
+        mask = jax.lax.dynamic_slice_in_dim(data["test_mask"], start, eval_bs)
+        log_probs = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                image.astype(jnp.float32) / 127.5 - 1.0, train=False)
+        nll = -jnp.take_along_axis(log_probs, label[:, None], axis=1)[:, 0]
+        correct = (jnp.argmax(log_probs, -1) == label).astype(jnp.float32)
+        return {"correct": sums["correct"] + (correct * mask).sum(), "nll_sum": sums["nll_sum"] + (nll * mask).sum(),
+                "count": sums["count"] + mask.sum()}, None
+
+    zeros = {k: jnp.float32(0.0) for k in ("correct", "nll_sum", "count")}
+    sums, _ = jax.lax.scan(body, zeros, jnp.arange(rows // eval_bs))
+    return jax.lax.psum(sums, AXIS)
+
+
+def _chunks(total: int, per_call: int) -> list[tuple[int, int]]:
+    """(start, length) of near-equal calls covering `total` steps (at most two distinct lengths)."""
+    if per_call <= 0 or per_call >= total:
+        return [(0, total)]
+    n = math.ceil(total / per_call)
+    base, extra = divmod(total, n)
+    out, start = [], 0
+    for i in range(n):
+        length = base + (1 if i < extra else 0)
+        out.append((start, length))
+        start += length
+    return out
+
+
+class _NoBar:
+    def __init__(self, *a, **k):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the accelerator image may not ship tqdm
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def member_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """(init keys, data keys), one per seed."""
+    keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+    split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+    return split[:, 0], split[:, 1]
+
+
+def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets: dict[str, Any],
+                     generator: Generator | None = None, seeds: Sequence[int] = (0,), *,
+                     devices: Sequence | None = None, progress: bool = True,
+                     on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train one classifier per seed (together, vmapped) and evaluate after every epoch.
+
+    Returns {'history': [per-epoch record], 'variables': [per seed {'params', 'batch_stats'}
+    as numpy], 'steps_per_epoch', 'timing': {...}}; each record holds per-seed lists of
+    train_loss, train_acc (all training images), train_acc_real, train_acc_gen,
+    irm_penalty, test_loss, test_acc, plus lr, seconds and images_per_s. `on_epoch` gets
+    each record as soon as it is fetched.
+    """
+    devices = list(devices) if devices is not None else jax.local_devices()
+    n_dev = len(devices)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise SetupError("need at least one seed")
+    plan = batch_plan(setup, n_dev)
+    if setup.uses_generator and generator is None:
+        raise SetupError(f"mode {setup.mode} on the fly needs a generator (a CGN checkpoint)")
+    host, eval_bs = prepare_data(data, setup, n_dev, assets)
+    n_real = host["digit"].shape[0]
+    n_cf = host["cf_image"].shape[0] if "cf_image" in host else 0
+    spe = steps_per_epoch(setup, n_real, n_cf)
+    model = CNN(pool=setup.pool, axis_name=AXIS)
+    tx = make_optimizer(setup, spe)
+    schedule = make_schedule(setup, spe)
+    gen_model = generator.model if setup.uses_generator else None
+
+    init_keys, data_keys = member_keys(seeds)
+
+    def init_member(key):
+        variables = init_variables(CNN(pool=setup.pool), key)
+        return TrainState(variables["params"], variables["batch_stats"], tx.init(variables["params"]),
+                          jnp.int32(0))
+
+    states = replicate(jax.jit(jax.vmap(init_member))(init_keys), devices)
+    keys = replicate(data_keys, devices)
+    data_dev = replicate(host, devices)
+    gen_dev = replicate(generator.variables if setup.uses_generator else {}, devices)
+
+    chunk_fns: dict[int, Callable] = {}
+
+    def chunk_fn(n_steps):
+        if n_steps not in chunk_fns:
+            fn = functools.partial(_member_chunk, n_steps=n_steps, model=model, tx=tx, setup=setup, plan=plan,
+                                   gen_model=gen_model, n_devices=n_dev)
+            chunk_fns[n_steps] = jax.pmap(jax.vmap(fn, in_axes=(0, 0, None, None, None, None)), axis_name=AXIS,
+                                          in_axes=(0, 0, 0, 0, None, None), devices=devices, donate_argnums=(0,))
+        return chunk_fns[n_steps]
+
+    eval_fn = jax.pmap(jax.vmap(functools.partial(_member_eval, model=model, eval_bs=eval_bs, n_devices=n_dev),
+                                in_axes=(0, None)), axis_name=AXIS, devices=devices)
+
+    images_per_step = plan.size * n_dev * len(seeds)
+    history = []
+    chunks = _chunks(spe, setup.steps_per_call)
+    bar = _progress_bar(setup.epochs * spe, f"{setup.variant} {setup.mode}"
+                        + (f" irm{setup.n_envs}" if setup.irm_correlations else ""), progress)
+    t_start = time.perf_counter()
+    try:
+        for epoch in range(setup.epochs):
+            t0 = time.perf_counter()
+            totals = None
+            for start, length in chunks:
+                states, sums = chunk_fn(length)(states, keys, data_dev, gen_dev, epoch, start)
+                totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+                if len(chunks) > 1:
+                    jax.block_until_ready(sums)
+                bar.update(length)
+            jax.block_until_ready(totals)
+            t_train = time.perf_counter() - t0
+            ev = eval_fn(states, data_dev)
+            tr, ev = jax.device_get((jax.tree.map(lambda x: x[0], totals), jax.tree.map(lambda x: x[0], ev)))
+            seconds = time.perf_counter() - t0
+            record = {
+                "epoch": epoch + 1,
+                "lr": float(schedule(epoch * spe)),
+                "seeds": seeds,
+                "train_loss": (tr["nll_sum"] / tr["count"]).tolist(),
+                "train_acc": (tr["correct"] / tr["count"]).tolist(),
+                "train_acc_real": (tr["correct_real"] / np.maximum(tr["count_real"], 1)).tolist()
+                if plan.n_real else None,
+                "train_acc_gen": (tr["correct_gen"] / np.maximum(tr["count_gen"], 1)).tolist() if plan.n_gen else None,
+                "irm_penalty": (tr["penalty_sum"] / tr["steps"]).tolist() if setup.irm_correlations else None,
+                "test_loss": (ev["nll_sum"] / ev["count"]).tolist(),
+                "test_acc": (ev["correct"] / ev["count"]).tolist(),
+                "train_seconds": t_train,
+                "seconds": seconds,
+                "images_per_s": spe * images_per_step / t_train,
+            }
+            history.append(record)
+            bar.set_postfix(test_acc=f"{np.mean(record['test_acc']):.3f}",
+                            train_acc=f"{np.mean(record['train_acc']):.3f}")
+            if on_epoch is not None:
+                on_epoch(record)
+    finally:
+        bar.close()
+    total = time.perf_counter() - t_start
+    final = jax.device_get(jax.tree.map(lambda x: x[0], states))
+    variables = [jax.tree.map(lambda x, i=i: np.asarray(x[i]), {"params": final.params,
+                                                                 "batch_stats": final.batch_stats})
+                 for i in range(len(seeds))]
+    steady = [r["images_per_s"] for r in history[1:]] or [history[-1]["images_per_s"]]
+    return {"history": history, "variables": variables, "steps_per_epoch": spe, "seeds": seeds,
+            "timing": {"total_seconds": total, "first_epoch_seconds": history[0]["seconds"],
+                       "images_per_s": float(np.median(steady)), "images_per_step": images_per_step,
+                       "devices": n_dev, "platform": devices[0].platform}}
+
+
+# ---------------------------------------------------------------- host-side data assembly
+def load_real_data(variant: str, correlations: Sequence[float] = (1.0,), *, mnist_dir=None, textures_dir=None,
+                   data_dir=None, limit: int | None = None, test_limit: int | None = None,
+                   dataset_seed: int = 0) -> dict[str, np.ndarray]:
+    """The real train split(s) and the test split via `cgn_jax.data.load_variant` (needs TFDS).
+
+    One correlation: the plain train split (built with `dataset_seed`); several: the IRM
+    environments (`cgn_jax.irm.build_environments`, seed = environment index).
+    """
+    from cgn_jax.data import load_variant
+
+    common = dict(mnist_dir=mnist_dir, textures_dir=textures_dir, data_dir=data_dir)
+    if len(correlations) == 1:
+        train = load_variant(variant, "train", correlation=float(correlations[0]), seed=dataset_seed,
+                             limit=limit, **common)
+        out = {"digit": train["digit"], "label": train["label"].astype(np.int32),
+               "fg_label": train["fg_label"][None].astype(np.int32),
+               "bg_label": train["bg_label"][None].astype(np.int32)}
+    else:
+        out = irm.build_environments(variant, correlations, limit=limit, **common)
+    test = load_variant(variant, "test", limit=test_limit, **common)
+    out["test_image"], out["test_label"] = test["image"], test["label"].astype(np.int32)
+    return out

@@ -1,0 +1,121 @@
+"""What a training run leaves for people to read: metrics as JSONL and TensorBoard, and PNG plots.
+
+GAN losses say little on their own; the plots put the generator's terms, the
+discriminator's view of real and fake, and the mask statistics (a mask stuck at 0 or
+1 everywhere is the CGN's typical failure) side by side, refreshed at every log, so
+a run can be judged from the working directory without TensorBoard. On resume the
+records after the checkpoint are dropped (JSONL rewritten, TensorBoard purged), so the
+curves show the run that the checkpoints describe.
+
+Only one process writes (`enabled`); the others get a logger that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping
+
+# (file name, [(panel title, [metric names])]); metrics absent from the records are skipped
+PLOTS = (
+    ("losses.png", (("generator", ("g_loss", "g_adv", "g_mask", "g_perc")),
+                    ("discriminator", ("d_loss", "d_loss_real", "d_loss_fake")),
+                    ("discriminator output", ("d_real", "d_fake")))),
+    ("mask.png", (("mask mean", ("mask_mean",)), ("mask variance", ("mask_var",)))),
+)
+
+
+class MetricsLogger:
+    """`write(step, {name: float})` appends to `metrics.jsonl`, TensorBoard (`tb/`) and redraws `plots/*.png`."""
+
+    def __init__(self, workdir: str | Path, enabled: bool = True, resume_step: int | None = None,
+                 tensorboard: bool = True, plots: bool = True):
+        self.enabled = enabled
+        self.workdir = Path(workdir)
+        self.path = self.workdir / "metrics.jsonl"
+        self.plot_dir = self.workdir / "plots"
+        self.records: list[dict] = []
+        self._plots = plots
+        self._tb = None
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self.records = _read_jsonl(self.path)
+            if resume_step is not None:
+                kept = [r for r in self.records if r.get("step", 0) <= resume_step]
+                if len(kept) != len(self.records):
+                    self.records = kept
+                    self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tb"),
+                                     purge_step=resume_step + 1 if resume_step is not None else None)
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for name, value in metrics.items():
+                self._tb.add_scalar(_tb_tag(name), float(value), int(step))
+            self._tb.flush()
+        if self._plots:
+            self.plot()
+
+    def plot(self) -> list[Path]:
+        """Redraw the PNG plots from all records so far."""
+        if not self.enabled or not self.records:
+            return []
+        return [plot_metrics(self.records, panels, self.plot_dir / name) for name, panels in PLOTS]
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _tb_tag(name: str) -> str:
+    prefix = {"g": "generator", "d": "discriminator", "mask": "mask"}.get(name.split("_")[0], "train")
+    return f"{prefix}/{name}"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut short by a crash: everything after it is unreliable
+    return records
+
+
+def plot_metrics(records: list[dict], panels, path: str | Path) -> Path:
+    """One row of line plots (metric vs step), one panel per (title, names)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(panels), 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (title, names) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for name in names:
+            pts = [(r["step"], r[name]) for r in records if name in r and math.isfinite(r[name])]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=name, marker="." if len(pts) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -1,0 +1,315 @@
+"""The MNIST CGN training loop: config in, trained generator out, resumable at any point.
+
+It reads top to bottom: set up the working directory, put the data and frozen VGG16
+on the devices, start from the latest checkpoint (or from scratch), then run the
+compiled step, touching the host only every `log_every` steps (metrics), every
+`sample_every` steps (a sample sheet) and every `checkpoint_every` steps (an Orbax
+checkpoint plus an export of the generator that `cgn-jax generate` and
+`load_mnist_cgn` read). SIGTERM or Ctrl-C stops after the current step with a final
+checkpoint, so re-running the same command continues the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from cgn_jax import parallel, sheets
+from cgn_jax.checkpoint import save_variables
+from cgn_jax.train import mnist_step as S
+from cgn_jax.train.checkpointing import TrainCheckpoints
+from cgn_jax.train.logging import MetricsLogger
+
+SAMPLES_PER_CLASS = 6
+# config fields that may change between a run and its resumption without a warning
+_RESUME_SAFE = ("train.num_steps", "train.epochs", "train.log_every", "train.sample_every",
+                "train.checkpoint_every", "train.keep_checkpoints")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int                 # steps done when the loop stopped
+    num_steps: int            # steps the config asks for
+    status: str               # "completed" or "interrupted"
+    signal: int | None        # the signal that stopped it, if any
+    workdir: Path
+    compile_s: float | None   # first step (compilation included), None if no step ran
+    last_metrics: dict
+
+
+def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -> TrainResult:
+    check_config(config)
+    workdir = Path(workdir).absolute()
+    is_main = jax.process_index() == 0
+    devices = list(devices) if devices is not None else jax.local_devices()
+    global_batch = int(config.train.batch_size)
+    parallel.per_device_batch(global_batch, len(devices) * jax.process_count())  # fail before loading data
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _save_config(config, workdir / "config.json")
+
+    # data, render assets and the frozen VGG16, all on the devices for the whole run
+    dataset = load_train_data(config)
+    num_examples = int(dataset["label"].shape[0])
+    ctx = parallel.replicate(S.StepContext(data=S.device_dataset(dataset), assets=_render_assets(config),
+                                           perceptual=_perceptual(config)), devices)
+    del dataset
+    steps_per_epoch = num_examples // global_batch
+    num_steps = int(config.train.num_steps) or int(config.train.epochs) * steps_per_epoch
+
+    # state: the latest checkpoint if there is one, else step 0
+    checkpoints = TrainCheckpoints(workdir / "checkpoints", config.train.keep_checkpoints)
+    state = S.init_state(config)
+    start = checkpoints.latest_step()
+    if start is not None:
+        state, _ = checkpoints.restore(state, start)
+        _say(is_main, f"resuming {workdir} from step {start}")
+    start = int(state.step)
+    train_step = S.pmap_train_step(config, global_batch, num_examples, devices)
+    sampler = make_sampler(config)
+    logger = MetricsLogger(workdir, enabled=is_main, resume_step=start if start else None)
+    _say(is_main, f"training {config.variant} MNIST CGN: {num_steps} steps of global batch {global_batch} "
+                  f"on {len(devices)} device(s), {num_examples} examples ({steps_per_epoch} steps/epoch)")
+
+    rstate = parallel.replicate(state, devices)
+    metrics_sum = parallel.replicate(S.zero_metrics(), devices)
+    del state
+    every = _Every(config.train)
+    window_start, window_steps, last_metrics, compile_s = time.perf_counter(), 0, {}, None
+    pbar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main), dynamic_ncols=True,
+                desc=config.variant, unit="step")
+    step = start
+    with _StopOnSignal() as stop:
+        while step < num_steps and not stop.signum:
+            rstate, metrics_sum = train_step(rstate, metrics_sum, ctx)
+            step += 1
+            window_steps += 1
+            pbar.update(1)
+            if compile_s is None:  # one sync, to report the compilation time
+                jax.block_until_ready(metrics_sum)
+                compile_s = time.perf_counter() - window_start
+                window_start, window_steps = time.perf_counter(), 0
+                _say(is_main, f"first step (compilation included) took {compile_s:.1f}s", pbar)
+            if every.log(step) or step == num_steps:
+                last_metrics = _mean_metrics(metrics_sum, window_steps or 1)
+                now = time.perf_counter()
+                last_metrics["sec_per_step"] = (now - window_start) / max(window_steps, 1)
+                logger.write(step, last_metrics)
+                pbar.set_postfix({k: f"{last_metrics[k]:.3f}" for k in ("g_loss", "d_loss", "mask_mean")})
+                metrics_sum = parallel.replicate(S.zero_metrics(), devices)
+                window_start, window_steps = now, 0
+            if every.sample(step) and is_main:
+                save_samples(sampler, rstate, workdir / "samples" / f"step_{step:07d}.png", config, step)
+            if every.checkpoint(step):
+                _checkpoint(checkpoints, rstate, step, config, workdir)
+    pbar.close()
+
+    # the end (or an interruption): final checkpoint, generator export, last sample sheet
+    if checkpoints.latest_step() != step:
+        _checkpoint(checkpoints, rstate, step, config, workdir)
+    elif not (workdir / "generator" / "meta.json").exists():
+        export_generator(workdir / "generator", parallel.to_host(rstate.generator), config, step)
+    if is_main and step > start and not every.sample(step):
+        save_samples(sampler, rstate, workdir / "samples" / f"step_{step:07d}.png", config, step)
+    checkpoints.close()
+    logger.close()
+    status = "interrupted" if stop.signum and step < num_steps else "completed"
+    if status == "interrupted":
+        _say(is_main, f"stopped by {signal.Signals(stop.signum).name} at step {step}/{num_steps}; checkpoint "
+                      f"saved in {workdir / 'checkpoints'}; run the same command again to resume")
+    else:
+        _say(is_main, f"done: step {step}; generator in {workdir / 'generator'}")
+    return TrainResult(step=step, num_steps=num_steps, status=status, signal=stop.signum, workdir=workdir,
+                       compile_s=compile_s, last_metrics=last_metrics)
+
+
+# ---------------------------------------------------------------------------- pieces of the loop
+
+def check_config(config) -> None:
+    """ValueError for settings that cannot work, before anything is loaded or compiled."""
+    from cgn_jax.data import canonical_variant
+    from cgn_jax.models.discriminators import KINDS
+
+    canonical_variant(config.variant)
+    S.compute_dtype(config)
+    if config.disc.kind not in KINDS:
+        raise ValueError(f"disc.kind must be one of {', '.join(KINDS)}, got {config.disc.kind!r}")
+    if int(config.train.batch_size) <= 0:
+        raise ValueError(f"train.batch_size must be positive, got {config.train.batch_size}")
+    if len(tuple(config.loss.perc_style)) != len(tuple(config.loss.perc_content)):
+        raise ValueError("loss.perc_style and loss.perc_content need one weight per VGG16 block each")
+    if int(config.train.num_steps) <= 0 and int(config.train.epochs) <= 0:
+        raise ValueError("set train.num_steps or train.epochs to a positive number")
+
+
+def load_train_data(config) -> dict[str, np.ndarray]:
+    """The training split of `config.variant` as numpy arrays (see `cgn_jax.data.load_variant`)."""
+    from cgn_jax.data import load_variant
+
+    d = config.dataset
+    return load_variant(config.variant, "train", mnist_dir=_mnist_dir(d.mnist_dir),
+                        textures_dir=_textures_dir(config), data_dir=d.data_dir or None,
+                        correlation=float(d.correlation), seed=int(config.seed), limit=int(d.limit) or None)
+
+
+def _mnist_dir(value: str):
+    from cgn_jax.paths import resolve_dir
+
+    try:
+        return resolve_dir(value, "data", "mnist", what="MNIST")
+    except FileNotFoundError:
+        if value:
+            raise
+        return None  # no ../shared: the data module falls back to TFDS's `mnist`
+
+
+def _textures_dir(config):
+    if config.variant != "wildlife":
+        return None
+    from cgn_jax.paths import resolve_dir
+
+    return resolve_dir(config.dataset.textures_dir, "data", "textures", what="Wildlife MNIST textures")
+
+
+def _render_assets(config) -> dict:
+    from cgn_jax.data import render
+
+    palette = np.asarray(config.dataset.palette, np.float32) if config.variant == "colored" else None
+    return render.make_assets(config.variant, textures_dir=_textures_dir(config), palette=palette)
+
+
+def _perceptual(config):
+    from cgn_jax.losses import PerceptualLoss
+
+    return PerceptualLoss.load(tuple(config.loss.perc_style), tuple(config.loss.perc_content),
+                               dtype=S.compute_dtype(config), path=config.loss.vgg_weights or None)
+
+
+def make_sampler(config):
+    """`sampler(generator variables) -> outputs` for fixed noise: SAMPLES_PER_CLASS per class, classes in order."""
+    from cgn_jax.models import mnist_cgn
+
+    model = mnist_cgn.from_config(config.model)  # float32, BatchNorm running averages
+    n = config.model.n_classes
+    y = jnp.repeat(jnp.arange(n), SAMPLES_PER_CLASS)
+    k_noise, k_tex = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A3))
+    u = jax.random.normal(k_noise, (y.shape[0], config.model.latent_dim))
+
+    @jax.jit
+    def sampler(variables):
+        return model.apply(variables, y, u=u, train=False, rngs={"texture": k_tex})
+
+    return sampler
+
+
+def save_samples(sampler, rstate, path: Path, config, step: int) -> Path:
+    """Sheet with rows = classes and panels mask | foreground | background | composite."""
+    g = parallel.unreplicate(rstate.generator)
+    out = jax.device_get(sampler({"params": g.params, "batch_stats": g.batch_stats}))
+    panels = [("mask", sheets.to_uint8(out["mask"], (0.0, 1.0))), ("foreground", sheets.to_uint8(out["foreground"])),
+              ("background", sheets.to_uint8(out["background"])), ("composite", sheets.to_uint8(out["image"]))]
+    return sheets.save_sheet(path, panels, n_cols=SAMPLES_PER_CLASS, title=f"{config.variant} MNIST CGN, step {step}")
+
+
+def export_generator(dst: Path, generator: S.NetState, config, step: int) -> Path:
+    """The generator's variables in the layout `cgn_jax.port.mnist.load_mnist_cgn` reads."""
+    m = config.model
+    meta = {"model": "mnist_cgn", "variant": config.variant, "n_classes": int(m.n_classes),
+            "latent_dim": int(m.latent_dim), "ngf": int(m.ngf), "img_size": int(m.img_size),
+            "texture_mode": m.texture_mode, "patch_size": int(m.patch_size), "step": int(step),
+            "source": "cgn-jax train"}
+    return save_variables(dst, {"params": generator.params, "batch_stats": generator.batch_stats}, meta)
+
+
+def _checkpoint(checkpoints: TrainCheckpoints, rstate, step: int, config, workdir: Path) -> None:
+    state = parallel.to_host(rstate)
+    checkpoints.save(step, state, {"variant": config.variant})
+    export_generator(workdir / "generator", state.generator, config, step)
+
+
+def _mean_metrics(metrics_sum, n: int) -> dict[str, float]:
+    return {k: float(v) / n for k, v in parallel.to_host(metrics_sum).items()}
+
+
+class _Every:
+    """Which periodic actions fall on a step (a period of 0 switches one off)."""
+
+    def __init__(self, train_config):
+        self._log, self._sample = int(train_config.log_every), int(train_config.sample_every)
+        self._ckpt = int(train_config.checkpoint_every)
+
+    @staticmethod
+    def _due(period: int, step: int) -> bool:
+        return period > 0 and step % period == 0
+
+    def log(self, step):
+        return self._due(self._log, step)
+
+    def sample(self, step):
+        return self._due(self._sample, step)
+
+    def checkpoint(self, step):
+        return self._due(self._ckpt, step)
+
+
+class _StopOnSignal:
+    """Turns the first SIGTERM / SIGINT into `signum`; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+def _save_config(config, path: Path) -> None:
+    new = json.loads(config.to_json_best_effort())
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = None
+        changed = [k for k in sorted(set(_flat(old or {})) | set(_flat(new)))
+                   if _flat(old or {}).get(k) != _flat(new).get(k) and k not in _RESUME_SAFE]
+        if old is not None and changed:
+            print(f"warning: config differs from the one in {path} in {', '.join(changed)}; "
+                  "a resumed run continues with the new values", flush=True)
+    path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _say(enabled: bool, message: str, pbar=None) -> None:
+    if enabled:
+        (pbar.write if pbar is not None else print)(message)
