@@ -233,6 +233,7 @@ def bench_train(config, *, steps: int, warmup: int, n_devices: int | None = None
     from cgn_jax import parallel
     from cgn_jax.train import mnist_step as S
 
+    start = time.perf_counter()
     devices = parallel.local_devices(n_devices)
     global_batch = int(config.train.batch_size)
     local_batch = parallel.per_device_batch(global_batch, len(devices))  # BatchSplitError before any work
@@ -256,8 +257,11 @@ def bench_train(config, *, steps: int, warmup: int, n_devices: int | None = None
     state = parallel.replicate(S.init_state(config, jax.random.PRNGKey(int(config.seed))), devices)
     metrics = parallel.replicate(S.zero_metrics(), devices)
     step_fn = S.pmap_train_step(config, global_batch, num_examples, devices)
+    jax.block_until_ready((state, ctx))
 
     t0 = time.perf_counter()
+    setup_s = t0 - start
+    log(f"set up data, state and VGG16 on the device(s) in {setup_s:.2f}s")
     lowered = step_fn.lower(state, metrics, ctx)
     t1 = time.perf_counter()
     compiled = lowered.compile()
@@ -310,7 +314,7 @@ def bench_train(config, *, steps: int, warmup: int, n_devices: int | None = None
         "what": "train", "variant": config.variant, "compute_dtype": dtype, "global_batch": global_batch,
         "per_device_batch": local_batch, "devices": len(devices), "device_kind": devices[0].device_kind,
         "num_examples": num_examples, "data": data_note, "render_assets": assets_note, "vgg16_weights": vgg_note,
-        "steps": steps, "warmup": warmup, "lower_s": lower_s, "compile_s": compile_s,
+        "steps": steps, "warmup": warmup, "setup_s": setup_s, "lower_s": lower_s, "compile_s": compile_s,
         "first_call_s": first_call_s, "step_time_s": t,
         "images_per_s": {"total": global_batch / t["median"], "per_device": local_batch / t["median"]},
         "flops_per_step": {"per_device": flops, "total": flops * len(devices) if flops else None},

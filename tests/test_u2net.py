@@ -22,7 +22,9 @@ from cgn_jax.models.u2net import (U2Net, max_pool_ceil, rsu_layers, side_in_chan
 from cgn_jax.port.common import PortError, read_state_dict
 from cgn_jax.port.u2net import convert, infer_variant, load_u2net, torch_to_flax
 
-REF = Path("/work/shared/reference")
+from conftest import SHARED  # noqa: E402  (../shared or $CGN_JAX_SHARED)
+
+REF = SHARED / "reference"
 PTH = REF / "u2netp_random.pth"
 GOLDEN = REF / "u2netp_random_golden.npz"
 MANIFEST = REF / "u2net_full_manifest.json"
@@ -39,8 +41,6 @@ BF16_INTERMEDIATE_RTOL = 3e-2
 # stage, so this is conditioning, not a porting difference.
 TRAIN_MODE_ATOL = 1e-3
 
-pytestmark = pytest.mark.skipif(not (PTH.is_file() and GOLDEN.is_file() and MANIFEST.is_file()),
-                                reason="reference files under /work/shared/reference are missing")
 
 
 def nhwc(a):
@@ -281,7 +281,8 @@ def test_full_manifest_converts_to_flax_tree(manifest, full_zero_state_dict, ful
 def test_corrupted_manifest_raises_naming_tensor(full_zero_state_dict):
     bad = dict(full_zero_state_dict)
     bad["stage4d.rebnconv2d.conv_s1.weight"] = np.zeros((128, 255, 3, 3), np.float32)
-    with pytest.raises(PortError, match=r"stage4d\.rebnconv2d\.conv_s1\.weight.*\(128, 255, 3, 3\).*\(128, 256, 3, 3\)"):
+    wrong_shape = r"stage4d\.rebnconv2d\.conv_s1\.weight.*\(128, 255, 3, 3\).*\(128, 256, 3, 3\)"
+    with pytest.raises(PortError, match=wrong_shape):
         torch_to_flax(bad, "u2net")
 
     extra = dict(full_zero_state_dict, **{"side7.weight": np.zeros((1, 64, 3, 3), np.float32)})

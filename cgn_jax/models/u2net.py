@@ -209,6 +209,10 @@ class U2Net(nn.Module):
     bfloat16); parameters are always float32 and the returned map is float32.
     `precision` is passed to every convolution (e.g. `jax.lax.Precision.HIGHEST` to
     avoid TF32 on GPUs when matching the PyTorch reference).
+
+    `train=True` normalises with batch statistics (needs `mutable=["batch_stats"]`);
+    the running variance is updated with the biased batch variance, where PyTorch
+    uses the unbiased one. CGN keeps U^2-Net frozen, in inference mode.
     """
     variant: str = "u2net"
     out_ch: int = 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from cgn_jax.checkpoint import read_meta, restore_variables, save_variables

@@ -67,10 +67,9 @@ class TrainCheckpoints:
         try:
             stored = _shapes(self._manager.item_metadata(step)["state"])
             if stored is not None:
-                    check_tree_matches(target, stored, what=f"checkpoint {self.directory / str(step)}")
+                check_tree_matches(target, stored, what=f"checkpoint {self.directory / str(step)}")
         except CheckpointMismatchError as e:
-            raise CheckpointMismatchError(f"{e}. The checkpoint was written with another config; use a new "
-                                          "--workdir or the original config") from None
+            raise CheckpointMismatchError(f"{e} (to train with this config, use a new --workdir)") from None
         except (KeyError, TypeError, AttributeError):
             pass  # metadata unavailable in this Orbax version: the restore below still checks shapes
         restored = self._manager.restore(step, args=ocp.args.Composite(

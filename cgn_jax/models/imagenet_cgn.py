@@ -1,0 +1,264 @@
+"""The ImageNet CGN: three BigGAN-deep mechanisms, a frozen BigGAN for targets, a frozen U2-Net.
+
+The official model (`imagenet/models/cgn.py`) is a torch Module owning five networks.
+Here the networks are stateless Flax modules and the model is a hashable description
+(static under `jit`); the weights travel as two separate pytrees, because they are
+treated differently everywhere that matters:
+
+* `params` = {"shape", "texture", "background"}: the trainable BigGAN-deep weights
+  (all three start as copies of the pretrained BigGAN). Only these are optimised,
+  checkpointed and exported.
+* `frozen` = {"biggan": {"params", "batch_stats"}, "u2net": {...}}: the pretrained
+  BigGAN (which makes the target x_gt) and U2-Net (which turns the shape
+  mechanism's pre-mask into the mask and scores the background's saliency). They are
+  never in an optimizer state and are restored from their converted weights, not from
+  training checkpoints. BigGAN's stored per-truncation BN statistics are never updated
+  (the reference always runs BN in inference mode), so the four BigGANs share the
+  frozen copy of them.
+
+`remat` recomputes activations in the backward pass instead of storing them: per
+GenBlock for the BigGANs (`RematBigGANDeep`) and for the whole U2-Net call. It changes
+memory, not results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cgn_jax.models.biggan import (BigGANConfig, BigGANDeep, GenBlock, SelfAttention, TruncationStats,
+                                   _FinalBatchNorm, truncated_noise, truncation_stats)
+from cgn_jax.models.u2net import U2Net
+
+MECHANISMS = ("shape", "texture", "background")
+MASK_CLAMP = (1e-4, 1.0 - 1e-4)
+# Class rows of the official training sample sheets (imagenet/train_cgn.py).
+SHEET_CLASSES = (15, 251, 330, 382, 385, 483, 559, 751, 938, 947, 999)
+
+
+class RematBigGANDeep(BigGANDeep):
+    """`BigGANDeep` with every GenBlock under `nn.remat` (same parameters, same outputs).
+
+    Mirrors `BigGANDeep.__call__` block for block; `tests/test_imagenet_cgn.py` checks
+    the outputs are identical. Drop this class once `BigGANDeep` grows a `remat` field.
+    """
+
+    @nn.compact
+    def __call__(self, z, class_vector, truncation, train: bool = False):
+        del train
+        cfg = self.config
+        ts = truncation if isinstance(truncation, TruncationStats) else self.stats(float(truncation))
+        ts = TruncationStats(jnp.asarray(ts.index, jnp.int32), jnp.asarray(ts.weight, jnp.float32))
+        n = z.shape[0]
+        chex.assert_shape(z, (n, cfg.z_dim))
+        if class_vector.ndim == 1 and jnp.issubdtype(class_vector.dtype, jnp.integer):
+            class_vector = jax.nn.one_hot(class_vector, cfg.num_classes)
+        chex.assert_shape(class_vector, (n, cfg.num_classes))
+        ch = cfg.channel_width
+        embed = nn.Dense(cfg.z_dim, use_bias=False, dtype=self.dtype, name="embeddings")(class_vector)
+        cond = jnp.concatenate([z.astype(self.dtype), embed.astype(self.dtype)], axis=-1)
+        h = nn.Dense(4 * 4 * 16 * ch, dtype=self.dtype, name="gen_z")(cond)
+        h = einops.rearrange(h, "n (h w c) -> n h w c", h=4, w=4)
+        block = nn.remat(GenBlock)
+        index = 0
+        for i, (up, cin, cout) in enumerate(cfg.layers):
+            if i == cfg.attention_layer_position:
+                h = SelfAttention(ch * cin, dtype=self.dtype, name=f"layers_{index}")(h)
+                index += 1
+            h = block(ch * cin, ch * cout, up, cfg.eps, cfg.n_stats, dtype=self.dtype, name=f"layers_{index}")(h, cond, ts)
+            index += 1
+        h = _FinalBatchNorm(ch, cfg.eps, cfg.n_stats, self.dtype, name="bn")(h, ts)
+        h = nn.Conv(3, (3, 3), padding=1, dtype=self.dtype, name="conv_to_rgb")(nn.relu(h))
+        return jnp.tanh(h.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageNetCGN:
+    """Hashable model description; all methods take the weights as arguments.
+
+    `ts` is a `TruncationStats` (see `stats`), so a new truncation does not recompile.
+    Class inputs are (N,) integer labels or (N, num_classes) (soft) class vectors.
+    """
+
+    biggan_config: BigGANConfig = BigGANConfig()
+    u2net_variant: str = "u2net"
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @property
+    def biggan(self) -> BigGANDeep:
+        cls = RematBigGANDeep if self.remat else BigGANDeep
+        return cls(config=self.biggan_config, dtype=self.dtype)
+
+    @property
+    def u2net(self) -> U2Net:
+        return U2Net(variant=self.u2net_variant, dtype=self.dtype)
+
+    @property
+    def image_size(self) -> int:
+        return self.biggan_config.output_dim
+
+    @property
+    def num_classes(self) -> int:
+        return self.biggan_config.num_classes
+
+    def stats(self, truncation: float) -> TruncationStats:
+        return truncation_stats(truncation, self.biggan_config.n_stats)
+
+    def sample_noise(self, key: jax.Array, batch: int, truncation: float) -> jax.Array:
+        """The official `truncated_noise_sample`: truncation * truncnorm(-2, 2), (batch, z_dim)."""
+        return truncated_noise(key, batch, self.biggan_config.z_dim, truncation)
+
+    # -- the networks
+
+    def generate(self, params, frozen, u, y, ts: TruncationStats) -> jax.Array:
+        """One BigGAN-deep with weights `params` (and the frozen BN statistics): images in [-1, 1]."""
+        variables = {"params": params, "batch_stats": frozen["biggan"]["batch_stats"]}
+        return self.biggan.apply(variables, u, y, ts)
+
+    def saliency(self, frozen, images: jax.Array) -> jax.Array:
+        """U2-Net saliency (N, H, W, 1) in (0, 1) of images in [-1, 1] (fed as they are, as the official)."""
+        apply = lambda v, x: self.u2net.apply(v, x)  # noqa: E731
+        if self.remat:
+            apply = jax.checkpoint(apply)
+        return apply(frozen["u2net"], images)
+
+    def mask(self, frozen, premask: jax.Array) -> jax.Array:
+        return jnp.clip(self.saliency(frozen, premask), *MASK_CLAMP)
+
+    def __call__(self, params, frozen, u, y_shape, y_texture=None, y_background=None, ts=None, *,
+                 with_gt: bool = True, with_bg_saliency: bool = True) -> dict[str, jax.Array]:
+        """The official `CGN.forward` plus the composite.
+
+        Same noise `u` for every mechanism; labels per mechanism (default: `y_shape`).
+        Returns premask, mask, texture (the official "foreground"), background, composite
+        and, when asked, x_gt (frozen BigGAN on (u, y_shape), gradient stopped) and
+        bg_saliency (U2-Net on the background, for the background loss).
+        """
+        if ts is None:
+            raise ValueError("pass ts=model.stats(truncation)")
+        y_texture = y_shape if y_texture is None else y_texture
+        y_background = y_shape if y_background is None else y_background
+        chex.assert_rank(u, 2)
+        out = {}
+        if with_gt:
+            out["x_gt"] = jax.lax.stop_gradient(self.generate(frozen["biggan"]["params"], frozen, u, y_shape, ts))
+        out["premask"] = self.generate(params["shape"], frozen, u, y_shape, ts)
+        out["mask"] = self.mask(frozen, out["premask"])
+        out["texture"] = self.generate(params["texture"], frozen, u, y_texture, ts)
+        out["background"] = self.generate(params["background"], frozen, u, y_background, ts)
+        if with_bg_saliency:
+            out["bg_saliency"] = self.saliency(frozen, out["background"])
+        out["composite"] = compose_images(out["mask"], out["texture"], out["background"])
+        return out
+
+
+def compose_images(mask, texture, background):
+    """mask * texture + (1 - mask) * background in float32 (mask (N,H,W,1) broadcasts)."""
+    m = mask.astype(jnp.float32)
+    return m * texture.astype(jnp.float32) + (1.0 - m) * background.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------- building and loading
+
+RANDOM = "random"
+
+
+def biggan_config_from(arch) -> BigGANConfig:
+    """`BigGANConfig` from a config's `model.arch` (used only for random initialisation)."""
+    d = {k: arch[k] for k in arch.keys()}
+    if "layers" in d:
+        d["layers"] = tuple(tuple(layer) for layer in d["layers"])
+        return BigGANConfig(**d)
+    return BigGANConfig.variant(d.pop("output_dim", 256), **d)
+
+
+def random_biggan(config: BigGANConfig, key: jax.Array):
+    """Randomly initialised BigGAN-deep variables (for tests and timing: no weight file needed)."""
+    module = BigGANDeep(config)
+    z = jnp.zeros((1, config.z_dim), jnp.float32)
+    y = jnp.zeros((1, config.num_classes), jnp.float32)
+    # jit: the forward pass inside `init` is dead code once only the variables are returned
+    return jax.jit(lambda k: module.init(k, z, y, 1.0))(key)
+
+
+def random_u2net(variant: str, key: jax.Array):
+    module = U2Net(variant=variant)
+    return jax.jit(lambda k: module.init(k, jnp.zeros((1, 64, 64, 3), jnp.float32)))(key)
+
+
+def load_networks(model_config, seed: int = 0):
+    """(BigGANConfig, frozen {"biggan", "u2net"}, sources) from `model_config.biggan` / `.u2net`.
+
+    Each is an Orbax directory from `cgn-jax port biggan|u2net`, or "random" (random
+    init from `seed`, the BigGAN architecture from `model_config.arch`). `sources` names
+    where the weights came from (what checkpoints record instead of the weights).
+    """
+    import numpy as np
+
+    key_b, key_u = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 0xC6))
+    if model_config.biggan == RANDOM:
+        cfg = biggan_config_from(model_config.arch)
+        biggan = jax.tree.map(np.asarray, random_biggan(cfg, key_b))
+        biggan_src = f"{RANDOM}:{seed}"
+    else:
+        from cgn_jax.port.biggan import load_biggan
+
+        if not model_config.biggan:
+            raise FileNotFoundError("model.biggan is not set: pass --config.model.biggan=DIR (from `cgn-jax port "
+                                    "biggan --src biggan-deep-256 --dst DIR`), or 'random' for random weights")
+        module, biggan = load_biggan(model_config.biggan)
+        cfg = module.config
+        biggan_src = str(_abs(model_config.biggan))
+    if model_config.u2net == RANDOM:
+        u2net = jax.tree.map(np.asarray, random_u2net(model_config.u2net_variant, key_u))
+        u2net_src = f"{RANDOM}:{seed}"
+    else:
+        from cgn_jax.port.u2net import load_u2net
+
+        if not model_config.u2net:
+            raise FileNotFoundError("model.u2net is not set: pass --config.model.u2net=DIR (from `cgn-jax port "
+                                    "u2net`), or 'random' for random weights")
+        _, u2net = load_u2net(model_config.u2net, model_config.u2net_variant)
+        u2net_src = str(_abs(model_config.u2net))
+    frozen = {"biggan": {"params": biggan["params"], "batch_stats": biggan["batch_stats"]},
+              "u2net": {"params": u2net["params"], "batch_stats": u2net["batch_stats"]}}
+    return cfg, frozen, {"biggan": biggan_src, "u2net": u2net_src}
+
+
+def initial_params(frozen) -> dict:
+    """The three mechanisms' starting weights: copies of the pretrained BigGAN's (official init)."""
+    return {name: jax.tree.map(lambda x: x.copy(), frozen["biggan"]["params"]) for name in MECHANISMS}
+
+
+def from_config(model_config, biggan_config: BigGANConfig, dtype=jnp.float32) -> ImageNetCGN:
+    return ImageNetCGN(biggan_config=biggan_config, u2net_variant=model_config.u2net_variant, dtype=dtype,
+                       remat=bool(model_config.remat))
+
+
+def class_vectors(labels, num_classes: int) -> jax.Array:
+    """(N,) labels -> (N, num_classes) float32 one-hots; (N, num_classes) passes through."""
+    labels = jnp.asarray(labels)
+    if labels.ndim == 1:
+        return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    chex.assert_shape(labels, (None, num_classes))
+    return labels.astype(jnp.float32)
+
+
+def interpolate_classes(y_from: int, y_to: int, num_midpoints: int, num_classes: int) -> jax.Array:
+    """(num_midpoints + 2, num_classes) class vectors from one-hot(y_from) to one-hot(y_to) (official `interp`)."""
+    t = jnp.linspace(0.0, 1.0, num_midpoints + 2)[:, None]
+    a, b = (jax.nn.one_hot(jnp.asarray([y]), num_classes) for y in (y_from, y_to))
+    return a * (1.0 - t) + b * t
+
+
+def _abs(path):
+    from pathlib import Path
+
+    return Path(path).expanduser().absolute()

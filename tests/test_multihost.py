@@ -1,0 +1,185 @@
+"""Multi-host data parallelism, checked on one machine: two JAX processes talking over localhost.
+
+Each process gets one CPU device (XLA_FLAGS), joins the job through
+`cgn_jax.distributed.initialize`, and runs a few steps of the real MNIST CGN train
+step pmapped over the devices of *both* processes (gloo collectives on CPU). The
+result must equal a single process with two devices running the same global batch
+from the same seed: the step keys every random draw by global example id and averages
+gradients and BatchNorm statistics over the global device axis, so the split over
+processes must not show in the numbers.
+
+The worker is this file run as a script (`python test_multihost.py worker ...`), so
+the two processes run exactly the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+GLOBAL_BATCH = 4
+NUM_EXAMPLES = 64
+STEPS = 3
+TIMEOUT_S = 420
+
+
+# ---------------------------------------------------------------------------- worker (subprocess)
+
+def _worker(out: Path, num_processes: int, process_id: int, coordinator: str | None) -> None:
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from cgn_jax import distributed
+
+    multi = distributed.initialize(coordinator, num_processes, process_id) if num_processes > 1 else \
+        distributed.initialize()
+    assert multi == (num_processes > 1), (multi, num_processes)
+    assert distributed.initialize(coordinator, num_processes, process_id) == multi  # idempotent
+
+    from cgn_jax import parallel
+    from cgn_jax.bench import perceptual_for_bench, synthetic_dataset
+    from cgn_jax.config_loading import load_config
+    from cgn_jax.data import render
+    from cgn_jax.train import mnist_step as S
+
+    config = load_config("configs/mnist.py:colored")
+    config.train.batch_size = GLOBAL_BATCH
+    local_batch = distributed.global_to_local_batch(GLOBAL_BATCH)
+    # Every process holds the whole (small) dataset: the step samples from all of it on each device.
+    dataset = synthetic_dataset(NUM_EXAMPLES, seed=0)
+    ctx = S.StepContext(data=S.device_dataset(dataset), assets=render.make_assets("colored"),
+                        perceptual=perceptual_for_bench(config)[0])
+    local = jax.local_devices()
+    ctx = parallel.replicate(ctx, local)
+    init = S.init_state(config, jax.random.PRNGKey(0))
+    state = parallel.replicate(init, local)
+
+    # pmap over every device of every process; each process feeds its local devices' shards.
+    step = jax.pmap(S.make_train_step(config, local_batch, NUM_EXAMPLES), axis_name=parallel.AXIS,
+                    devices=jax.devices(), donate_argnums=(0, 1))
+    losses = []
+    for _ in range(STEPS):
+        state, metrics = step(state, parallel.replicate(S.zero_metrics(), local), ctx)
+        losses.append({k: float(v) for k, v in parallel.to_host(metrics).items()})
+
+    host = parallel.to_host(state)
+    leaves = jax.tree_util.tree_flatten_with_path((host.generator.params, host.generator.batch_stats,
+                                                   host.discriminator.params, host.discriminator.batch_stats))[0]
+    arrays = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+    np.savez(out / f"state_{num_processes}p_{process_id}.npz", **arrays)
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(host.generator.params),
+                                                            jax.tree.leaves(jax.device_get(init.generator.params))))
+    info = {"losses": losses, "max_param_change": moved, "process_count": jax.process_count(), "device_count": jax.device_count(),
+            "local_device_count": jax.local_device_count(), "local_batch": local_batch,
+            "is_main": distributed.is_main_process(), "host_shard": [distributed.host_shard(10).start,
+                                                                    distributed.host_shard(10).stop]}
+    (out / f"info_{num_processes}p_{process_id}.json").write_text(json.dumps(info))
+
+
+# ---------------------------------------------------------------------------- test (parent)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(out: Path, num_processes: int, process_id: int, devices_per_process: int, port: int | None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    for var in ("CGN_JAX_COORDINATOR", "CGN_JAX_NUM_PROCESSES", "CGN_JAX_PROCESS_ID"):
+        env.pop(var, None)
+    args = [sys.executable, __file__, "worker", str(out), str(num_processes), str(process_id),
+            f"127.0.0.1:{port}" if port else "-"]
+    log = open(out / f"log_{num_processes}p_{process_id}.txt", "w")
+    return subprocess.Popen(args, cwd=Path(__file__).resolve().parent.parent, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def _wait(procs, out: Path) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    for name, p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for _, q in procs:
+                q.kill()
+            pytest.fail(f"{name} did not finish in {TIMEOUT_S}s; logs in {out}")
+    for name, p in procs:
+        if p.returncode != 0:
+            logs = "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(out.glob("log_*.txt")))
+            pytest.fail(f"{name} exited with {p.returncode}\n{logs}")
+
+
+def test_two_processes_match_one_process(tmp_path):
+    port = _free_port()
+    procs = [("process 0 of 2", _spawn(tmp_path, 2, 0, 1, port)),
+             ("process 1 of 2", _spawn(tmp_path, 2, 1, 1, port)),
+             ("single process", _spawn(tmp_path, 1, 0, 2, None))]
+    _wait(procs, tmp_path)
+
+    info = {name: json.loads((tmp_path / f"info_{name}.json").read_text()) for name in ("2p_0", "2p_1", "1p_0")}
+    assert info["2p_0"]["process_count"] == 2 and info["2p_0"]["device_count"] == 2
+    assert info["2p_0"]["local_device_count"] == 1 and info["2p_0"]["local_batch"] == GLOBAL_BATCH // 2
+    assert info["2p_0"]["is_main"] and not info["2p_1"]["is_main"]
+    assert info["2p_0"]["host_shard"] == [0, 5] and info["2p_1"]["host_shard"] == [5, 10]
+    assert info["1p_0"]["process_count"] == 1 and info["1p_0"]["device_count"] == 2
+
+    # metrics are global means: identical on both processes, and equal to the single-process run
+    for step, (a, b, ref) in enumerate(zip(info["2p_0"]["losses"], info["2p_1"]["losses"], info["1p_0"]["losses"])):
+        assert a == b, f"step {step}: processes disagree on the metrics"
+        for k in ref:
+            np.testing.assert_allclose(a[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=f"step {step} {k}")
+
+    p0, p1, ref = (np.load(tmp_path / f"state_{n}.npz") for n in ("2p_0", "2p_1", "1p_0"))
+    assert set(p0.files) == set(ref.files) and len(ref.files) > 10
+    for name in ref.files:
+        np.testing.assert_array_equal(p0[name], p1[name], err_msg=f"replicas diverged across processes: {name}")
+        np.testing.assert_allclose(p0[name], ref[name], rtol=1e-4, atol=2e-6, err_msg=name)
+    # and training moved the parameters (the comparison is not between two initial states)
+    assert info["1p_0"]["max_param_change"] > 1e-4
+
+
+def test_distributed_single_process_helpers(monkeypatch):
+    """No cluster, no settings: a no-op; incomplete settings: a clear error, before touching JAX."""
+    from cgn_jax import distributed
+
+    for var in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.initialize() is False
+    assert distributed.initialize(num_processes=1) is False
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "2")
+    with pytest.raises(distributed.DistributedError, match="incomplete"):
+        distributed.initialize()
+    monkeypatch.setenv(distributed.ENV_PROCESS_ID, "2")
+    monkeypatch.setenv(distributed.ENV_COORDINATOR, "127.0.0.1:1234")
+    with pytest.raises(distributed.DistributedError, match="process_id"):
+        distributed.initialize()
+    assert distributed.is_main_process()
+    assert distributed.host_shard(10) == slice(0, 10)
+    assert distributed.host_shard(10, process_index=2, process_count=3) == slice(6, 9)
+    from cgn_jax.parallel import BatchSplitError
+
+    import jax
+
+    n = jax.device_count()
+    assert distributed.global_to_local_batch(4 * n) == 4
+    if n > 1:
+        with pytest.raises(BatchSplitError, match="does not split"):
+            distributed.global_to_local_batch(n + 1)
+    with pytest.raises(BatchSplitError, match="positive"):
+        distributed.global_to_local_batch(0)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
+    _out, _n, _pid, _coord = sys.argv[2:6]
+    _worker(Path(_out), int(_n), int(_pid), None if _coord == "-" else _coord)
