@@ -19,7 +19,9 @@ from cgn_jax.models.biggan import (BigGANConfig, BigGANDeep, TruncationStats, tr
 from cgn_jax.port.biggan import convert, infer_variant, load_biggan, torch_to_flax  # noqa: E402
 from cgn_jax.port.common import PortError  # noqa: E402
 
-MANIFEST = "/work/shared/reference/biggan_deep_256_manifest.json"
+from conftest import SHARED  # noqa: E402  (../shared or $CGN_JAX_SHARED)
+
+MANIFEST = str(SHARED / "reference" / "biggan_deep_256_manifest.json")
 FP32_TOL = 1e-4
 # Measured on the small config (channel_width 16, 128 px): bf16 vs fp32 max abs 0.021, mean abs 0.003.
 BF16_MAX_TOL = 0.05
