@@ -74,11 +74,14 @@ def _stored_shapes(target: Path):
                         tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
-def restore_variables(src: str | Path, expected=None):
+def restore_variables(src: str | Path, expected=None, sharding=None):
     """Restore variables written by `save_variables`.
 
     `expected` (arrays or `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape(model.init, ...)`)
-    is checked name by name and shape by shape before anything is read.
+    is checked name by name and shape by shape before anything is read. With `sharding`
+    (a `jax.sharding.Sharding`, e.g. replicated over a mesh, or a pytree of them) Orbax
+    reads each array straight onto those devices and jax Arrays are returned; otherwise
+    host numpy arrays.
     """
     src = Path(src).absolute()
     target = src / "variables"
@@ -95,10 +98,15 @@ def restore_variables(src: str | Path, expected=None):
     if expected is not None:
         check_tree_matches(expected, stored, what=f"checkpoint {src}")
     checkpointer = ocp.StandardCheckpointer()
+    abstract = None
+    if sharding is not None:
+        shardings = (sharding if not isinstance(sharding, jax.sharding.Sharding)
+                     else jax.tree.map(lambda _: sharding, stored))
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), stored, shardings)
     try:
-        restored = checkpointer.restore(target)
+        restored = checkpointer.restore(target) if abstract is None else checkpointer.restore(target, abstract)
     except Exception as e:
         raise CheckpointMismatchError(
             f"checkpoint {src} could not be read ({type(e).__name__}: {e}); it is corrupt or incomplete: "
             "re-create it") from e
-    return jax.tree.map(np.asarray, restored)
+    return restored if sharding is not None else jax.tree.map(np.asarray, restored)
