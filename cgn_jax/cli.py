@@ -15,10 +15,11 @@ import sys
 COMMANDS = {
     "train": ("cgn_jax.train.cli", "train a CGN (MNIST variants or ImageNet)"),
     "generate": ("cgn_jax.generate", "sample sheets and counterfactual datasets from a trained CGN"),
-    "port": ("cgn_jax.port.cli", "convert PyTorch checkpoints (mnist, vgg16, biggan, u2net) to Orbax"),
+    "port": ("cgn_jax.port.cli", "convert PyTorch checkpoints (mnist, vgg16, biggan, u2net, resnet50) to Orbax"),
     "bench": ("cgn_jax.bench", "time the real train step of a config"),
     "train-classifier": ("cgn_jax.classifier_cli", "train an invariant classifier"),
     "table1": ("cgn_jax.table1", "rerun the paper's Table 1 (MNIST classifiers)"),
+    "evaluate": ("cgn_jax.evaluate", "ImageNet top-1/5, shape bias (cue-conflict), BG-gap (ImageNet-9)"),
 }
 
 

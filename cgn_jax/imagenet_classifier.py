@@ -227,8 +227,12 @@ def train_iterator(config, real_source, cf_source, n_devices: int, start_step: i
               scale=(float(dc.min_crop_scale), 1.0))
     real = D.train_batches(real_source, b_real, seed=int(config.seed), **kw)
     cf = D.train_batches(cf_source, b_cf, seed=int(config.seed) + 7919, **kw) if b_cf else None
-    while True:
-        yield merge_batches(next(real), next(cf) if cf is not None else None, n_devices)
+    try:
+        while True:
+            yield merge_batches(next(real), next(cf) if cf is not None else None, n_devices)
+    finally:  # stop decode threads / worker processes now, not at interpreter exit
+        D.close_iterator(real)
+        D.close_iterator(cf)
 
 
 def cf_batch_per_device(config) -> int:
@@ -241,10 +245,13 @@ def _put(batches, devices, depth: int = 2):
     import collections
 
     queue = collections.deque()
-    for b in batches:
-        queue.append(D.device_put_stacked(b, devices))
-        if len(queue) > depth:
-            yield queue.popleft()
+    try:
+        for b in batches:
+            queue.append(D.device_put_stacked(b, devices))
+            if len(queue) > depth:
+                yield queue.popleft()
+    finally:
+        D.close_iterator(batches)
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -270,6 +277,10 @@ def check_config(config) -> None:
         raise ValueError(f"train.real_target must be one of {REAL_TARGETS}")
     if str(config.model.ensemble) not in ("mean_probs", "mean_logits"):
         raise ValueError("model.ensemble must be mean_probs or mean_logits")
+    if config.model.freeze_bn_stats and not config.model.pretrained:
+        raise ValueError("model.freeze_bn_stats=True keeps BatchNorm in inference mode, which only makes sense for a "
+                         "pretrained backbone: set model.pretrained=DIR (from `cgn-jax port resnet50`), or train from "
+                         "scratch with configs/imagenet_classifier.py:scratch (--config.model.freeze_bn_stats=False)")
     R._arch(config.model)
     R._dtype(config.model.dtype)
 
@@ -369,6 +380,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
                     logger.write(step, eval_results)
                 window_start = time.perf_counter()
     pbar.close()
+    batches.close()
     if checkpoints.latest_step() != step:
         _checkpoint(checkpoints, rstate, step, config, workdir)
     checkpoints.close()
@@ -465,8 +477,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", default="configs/imagenet_classifier.py",
                         help="config file[:variant] (official, scratch, baseline, tiny); fields are overridden "
                              "with --config.a.b=value")
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and the ensemble export go here; "
-                                                         "re-running resumes")
+    parser.add_argument("--workdir", default="runs/imagenet_classifier",
+                        help="checkpoints, metrics.jsonl and the ensemble export go here; re-running resumes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
@@ -477,16 +490,17 @@ def run(args) -> int:
         config = load_config(args.config, getattr(args, "config_overrides", []) or [])
     except (ConfigError, ValueError) as e:
         raise CLIError(str(e)) from e
-    return run_with_config(config, args.workdir)
+    return run_with_config(config, args.workdir, progress=not getattr(args, "no_progress", False))
 
 
-def run_with_config(config, workdir) -> int:
-    """Entry point for a dispatcher that already loaded the config (e.g. `train-classifier`)."""
+def run_with_config(config, workdir, progress: bool = True) -> int:
+    """Entry point for a dispatcher that already loaded the config (`train-classifier` when `config.task` is
+    `imagenet_classifier`)."""
     from cgn_jax.checkpoint import CheckpointMismatchError
     from cgn_jax.cli import CLIError
 
     try:
-        result = train(config, workdir)
+        result = train(config, workdir or "runs/imagenet_classifier", progress=progress)
     except (D.DataError, FileNotFoundError, CheckpointMismatchError, parallel.BatchSplitError) as e:
         raise CLIError(str(e)) from e
     except ValueError as e:

@@ -231,17 +231,24 @@ class TFDSImageNetSource:
         builder = tfds.builder("imagenet2012", data_dir=str(self.data_dir), file_format="array_record")
         if not (Path(builder.data_dir) / "dataset_info.json").is_file():
             manual = tfds_manual_dir(self.data_dir, manual_dir)
-            missing = [f for f in TFDS_ARCHIVES.values() if not (manual / f).is_file()]
-            if missing:
-                raise DataError(missing_archives_message(manual, missing, self.data_dir))
+            needed = TFDS_ARCHIVES.get(split)
+            if needed is None:
+                raise DataError(f"TFDS imagenet2012 has no split {split!r} here; use train or validation")
+            if not (manual / needed).is_file():
+                raise DataError(missing_archives_message(manual, [needed], self.data_dir, split))
             try:
                 builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
             except ImportError as e:
                 raise DataError(f"preparing TFDS imagenet2012 failed ({e}); install what it names (e.g. "
                                 "`pip install tensorflow-cpu`) for this one-off conversion") from e
         self.classes = list(builder.info.features["label"].names)
-        self._source = builder.as_data_source(split=split,
-                                              deserialize_method=tfds.decode.DeserializeMethod.DESERIALIZE_NO_DECODE)
+        try:
+            self._source = builder.as_data_source(
+                split=split, deserialize_method=tfds.decode.DeserializeMethod.DESERIALIZE_NO_DECODE)
+        except (KeyError, ValueError) as e:
+            raise DataError(f"TFDS imagenet2012 in {self.data_dir} has no {split!r} split ({e}); it was prepared "
+                            f"without {TFDS_ARCHIVES.get(split, split)}: put that archive in the manual directory, "
+                            f"delete {builder.data_dir} and run again") from e
 
     def __len__(self):
         return len(self._source)
@@ -251,13 +258,13 @@ class TFDSImageNetSource:
         return {"image": bytes(ex["image"]), "label": int(ex["label"])}
 
 
-def missing_archives_message(manual: Path, missing: Sequence[str], data_dir: Path) -> str:
+def missing_archives_message(manual: Path, missing: Sequence[str], data_dir: Path, split: str = "train") -> str:
     files = " and ".join(missing)
-    return (f"TFDS imagenet2012 is not prepared in {data_dir} and its manual archives are missing: download "
-            f"{files} from https://image-net.org/download-images (free registration; ILSVRC2012_img_train.tar is "
-            f"~138 GB, ILSVRC2012_img_val.tar ~6.3 GB) and put them in {manual}/ (or set data.tfds_manual_dir), "
-            "then run again: the first run converts them to array_record. Or point the data paths at an "
-            "ImageFolder directory (root/<wnid>/*.JPEG) instead.")
+    return (f"TFDS imagenet2012 ({split} split) is not prepared in {data_dir} and {files} is missing: download it "
+            "from https://image-net.org/download-images (free registration; ILSVRC2012_img_train.tar, ~138 GB, "
+            "holds the training split, ILSVRC2012_img_val.tar, ~6.3 GB, the validation split) and put it in "
+            f"{manual}/ (or set data.tfds_manual_dir / --tfds-manual-dir), then run again: the first run converts "
+            "the archives found there to array_record. Or use an ImageFolder directory (root/<wnid>/*.JPEG) instead.")
 
 
 def open_source(spec: str, split: str, *, tfds_data_dir: str = "", tfds_manual_dir_: str = "",
@@ -375,7 +382,10 @@ def _read_options(num_threads: int, prefetch: int):
 def _with_workers(ds, num_workers: int):
     if num_workers and num_workers > 0:
         import grain
+        from absl import flags
 
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; this program has none to parse
+            flags.FLAGS.mark_as_parsed()
         return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers)))
     return ds
 
@@ -401,7 +411,7 @@ def train_batches(source, batch_size: int, *, image_size: int = 224, seed: int =
     ds = ds.shuffle(seed=host_seed).repeat(None).random_map(augment, seed=host_seed + 1)
     ds = ds.slice(slice(int(start_step) * batch_size, None))
     it = ds.to_iter_dataset(_read_options(num_threads, prefetch or max(2 * batch_size, 16)))
-    return iter(_with_workers(it.batch(batch_size, drop_remainder=True), num_workers))
+    return iter(_with_workers(it, num_workers).batch(batch_size, drop_remainder=True))
 
 
 class _Padded:
@@ -438,7 +448,14 @@ def eval_batches(source, batch_size: int, *, resize: int | None = 256, image_siz
         return out
 
     it = ds.map(prepare).to_iter_dataset(_read_options(num_threads, prefetch or max(2 * batch_size, 16)))
-    return iter(_with_workers(it.batch(batch_size, drop_remainder=True), num_workers))
+    return iter(_with_workers(it, num_workers).batch(batch_size, drop_remainder=True))
+
+
+def close_iterator(it) -> None:
+    """Stop an iterator's decode threads and worker processes (grain iterators and generators alike)."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
 
 
 def num_eval_batches(source, batch_size: int, process_count: int = 1) -> int:
@@ -477,34 +494,56 @@ def prefetch_to_devices(batches: Iterator[dict], devices: Sequence, size: int = 
 # ---------------------------------------------------------------------------------- benchmark
 
 def write_synthetic_jpegs(root: str | Path, n: int, size=(400, 350), classes: int = 4, seed: int = 0,
-                          quality: int = 90) -> Path:
+                          quality: int = 90, threads: int | None = None) -> Path:
     """An ImageFolder tree of `n` smooth random JPEGs (ImageNet-like size and file size) for tests/benchmarks."""
+    from concurrent.futures import ThreadPoolExecutor
+
     root = Path(root)
-    rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for i in range(n):
-        d = root / f"n{i % classes:08d}"
-        d.mkdir(parents=True, exist_ok=True)
+    for c in range(min(classes, n)):
+        (root / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
+
+    def one(i):
+        rng = np.random.default_rng([seed, i])
         fx, fy, ph = rng.uniform(0.005, 0.05, 3)
         base = np.stack([np.sin(fx * xx * (c + 1) + ph * 50) * np.cos(fy * yy * (c + 1)) for c in range(3)], -1)
-        noise = rng.normal(0, 0.15, (h, w, 3))
-        img = np.clip((base + noise) * 0.5 + 0.5, 0, 1) * 255
-        Image.fromarray(img.astype(np.uint8)).save(d / f"img_{i:05d}.JPEG", quality=quality)
+        img = np.clip((base + rng.normal(0, 0.15, (h, w, 3))) * 0.5 + 0.5, 0, 1) * 255
+        Image.fromarray(img.astype(np.uint8)).save(root / f"n{i % classes:08d}" / f"img_{i:05d}.JPEG", quality=quality)
+
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(one, range(n)))
     return root
+
+
+class _Cycle:
+    def __init__(self, source, n: int):
+        self.source, self.n = source, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.source[i % len(self.source)]
 
 
 def measure_throughput(source, batch_size: int = 64, batches: int = 8, train: bool = True, **kw) -> dict:
     """Images/s decoded and augmented (train) or resized/cropped (eval) by the host pipeline."""
     import time
 
+    if not train:  # evaluation reads a source once: cycle it to the length measured
+        source = _Cycle(source, (batches + 1) * batch_size)
     it = train_batches(source, batch_size, **kw) if train else eval_batches(source, batch_size, **kw)
     next(it)  # thread start-up and first fill are not steady state
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
-    dt = time.perf_counter() - t0
-    return {"images_per_s": batches * batch_size / dt, "images": batches * batch_size, "seconds": dt}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    close_iterator(it)
+    n = batches * batch_size
+    # CPU seconds (all threads of this process; worker processes not counted) per image: what a core sustains
+    return {"images_per_s": n / dt, "images_per_cpu_s": n / max(cpu, 1e-9), "images": n, "seconds": dt,
+            "cpu_seconds": cpu}
 
 
 def _bench_main(argv=None) -> int:
@@ -532,9 +571,10 @@ def _bench_main(argv=None) -> int:
             for t in args.threads:
                 r = measure_throughput(src, args.batch_size, args.batches, num_threads=t, **kw)
                 rows.append({"mode": mode, "threads": t, **r})
-                print(f"{mode:32s} threads={t:2d}  {r['images_per_s']:8.1f} images/s", flush=True)
+                print(f"{mode:32s} threads={t:2d}  {r['images_per_s']:8.1f} images/s (wall)  "
+                      f"{r['images_per_cpu_s']:8.1f} images per CPU-second", flush=True)
     print(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-                      "cpus": os.cpu_count(), "image_size": [w, h], "rows": rows}))
+                      "cpus": os.cpu_count(), "load_average": os.getloadavg(), "image_size": [w, h], "rows": rows}))
     return 0
 
 

@@ -31,7 +31,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.num_classes = 1000
     c.model.dtype = "float32"          # compute dtype: float32 or bfloat16 (params stay float32)
     c.model.pretrained = ""            # directory written by `cgn-jax port resnet50` ("" = random init)
-    c.model.freeze_bn_stats = True     # official: BatchNorm in eval mode during training
+    c.model.freeze_bn_stats = True     # official: BatchNorm in eval mode during training (needs model.pretrained)
     c.model.ensemble = "mean_probs"    # how heads combine: mean_probs, or mean_logits (official code)
 
     c.data = ml_collections.ConfigDict()
@@ -46,8 +46,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.resize_size = 256           # eval: short side, then center crop image_size
     c.data.min_crop_scale = 0.08
     c.data.draft_decode = True         # training: decode JPEGs at reduced scale when the crop allows
-    c.data.num_threads = 16            # host decode threads
-    c.data.num_workers = 0             # host decode processes (0: threads only)
+    c.data.num_threads = 16            # decode threads per process (PIL holds the GIL part of the time)
+    c.data.num_workers = 0             # decode processes per stream (real, counterfactual); 0: threads only
     c.data.prefetch = 0                # decoded examples buffered (0: 2 batches)
 
     c.train = ml_collections.ConfigDict()

@@ -137,8 +137,8 @@ class ResNet(nn.Module):
                         bias_init=_torch_linear_init(in_ch), name="fc")(feats).astype(jnp.float32)
 
 
-def feature_dim(block: str, width: int) -> int:
-    return width * 8 * EXPANSION[block]
+def feature_dim(block: str, width: int, num_stages: int = 4) -> int:
+    return width * 2 ** (num_stages - 1) * EXPANSION[block]
 
 
 class ClassifierEnsemble(nn.Module):
@@ -155,7 +155,7 @@ class ClassifierEnsemble(nn.Module):
     def __call__(self, x, train: bool = False):
         feats = ResNet(self.block, tuple(self.stage_sizes), self.width, None, self.dtype, self.axis_name,
                        self.freeze_bn, name="backbone")(x, train)
-        d = feature_dim(self.block, self.width)
+        d = feature_dim(self.block, self.width, len(self.stage_sizes))
         return {h: nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_torch_linear_init(d),
                             bias_init=_torch_linear_init(d), name=h)(feats).astype(jnp.float32)
                 for h in HEADS}

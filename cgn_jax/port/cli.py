@@ -12,6 +12,7 @@ PORTERS = {
     "vgg16": "cgn_jax.port.vgg16",
     "biggan": "cgn_jax.port.biggan",
     "u2net": "cgn_jax.port.u2net",
+    "resnet50": "cgn_jax.port.resnet50",
 }
 
 
