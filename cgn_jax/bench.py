@@ -7,8 +7,9 @@ every step blocked. What does not change the step's cost is replaced to keep the
 benchmark self-contained: the stored dataset is synthetic (right shapes and size,
 random digits; the step renders on device, so its cost does not depend on pixel
 values) and the frozen VGG16 weights are random unless `--config.loss.vgg_weights` is
-set. FLOPs come from XLA's cost analysis of the compiled program, per device; MFU is
-reported against a documented table of vendor peak numbers (`PEAK_TFLOPS`).
+set. FLOPs come from XLA's cost analysis of the lowered program, per device (the
+compiled program's count misses the convolutions that become library calls on GPU); MFU
+is reported against a documented table of vendor peak numbers (`PEAK_TFLOPS`).
 
 `--json` prints one JSON object on stdout (human-readable lines go to stderr), so runs on
 different machines can be diffed or tabulated.
@@ -102,6 +103,22 @@ def cost_flops(compiled) -> float | None:
     return float(flops) if flops is not None and flops >= 0 else None
 
 
+def program_flops(lowered, compiled) -> tuple[float | None, str | None, float | None]:
+    """(FLOPs per device, which analysis gave them, the compiled program's own count).
+
+    The count of the lowered program (before XLA's backend passes) is the one used: it
+    sees every convolution and dot as written, on any backend. The compiled program's
+    count depends on the backend: on GPU, convolutions and matmuls become cuDNN/cuBLAS
+    custom calls that the analysis may not count (the H100 build of this step reported
+    about a tenth of the CPU build's FLOPs), which would understate MFU.
+    """
+    compiled_flops = cost_flops(compiled)
+    lowered_flops = cost_flops(lowered)
+    if lowered_flops:
+        return lowered_flops, "lowered", compiled_flops
+    return compiled_flops, ("compiled" if compiled_flops else None), compiled_flops
+
+
 def compiled_memory(compiled) -> dict | None:
     """Sizes XLA planned for the program (arguments, outputs, temporaries), in bytes."""
     try:
@@ -171,7 +188,7 @@ def synthetic_dataset(num_examples: int, img_size: int = 32, n_classes: int = 10
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    digit = (rng.random((num_examples, img_size, img_size, 1)) > 0.8).astype(np.uint8) * 255
+    digit = rng.integers(0, 2, (num_examples, img_size, img_size, 1), dtype=np.uint8) * np.uint8(255)
     label = rng.integers(0, n_classes, num_examples).astype(np.int32)
     return {"digit": digit, "label": label, "fg_label": label, "bg_label": label}
 
@@ -200,8 +217,7 @@ def synthetic_assets(config) -> tuple[dict, str]:
 
 def perceptual_for_bench(config) -> tuple[object, str]:
     """The VGG16 perceptual loss of the config: converted weights if named, else random ones of the same shapes."""
-    import jax
-    import jax.numpy as jnp
+    import numpy as np
 
     from cgn_jax.losses import PerceptualLoss
     from cgn_jax.models.vgg16 import param_shapes
@@ -212,11 +228,20 @@ def perceptual_for_bench(config) -> tuple[object, str]:
     if config.loss.vgg_weights:
         return (PerceptualLoss.load(style, content, dtype=dtype, path=config.loss.vgg_weights),
                 f"converted ({config.loss.vgg_weights})")
-    shapes = param_shapes(len(style))
-    keys = iter(jax.random.split(jax.random.PRNGKey(2), 2 * len(shapes)))
-    params = {name: {"kernel": jax.random.normal(next(keys), s["kernel"]) * (2.0 / (9 * s["kernel"][2])) ** 0.5,
-                     "bias": jnp.zeros(s["bias"])} for name, s in shapes.items()}
+    # numpy, not jax.random: one jax.random call per layer shape would compile a dozen programs
+    rng = np.random.default_rng(2)
+    params = {name: {"kernel": rng.standard_normal(sh["kernel"], np.float32) * np.float32((2.0 / (9 * sh["kernel"][2])) ** 0.5),
+                     "bias": np.zeros(sh["bias"], np.float32)} for name, sh in param_shapes(len(style)).items()}
     return PerceptualLoss.create(params, style, content, dtype=dtype), "random (same shapes; cost does not depend on values)"
+
+
+def initial_state(config):
+    """`mnist_step.init_state`, jitted: one compilation instead of one per eager init op (much faster on CPU)."""
+    import jax
+
+    from cgn_jax.train import mnist_step as S
+
+    return jax.jit(lambda key: S.init_state(config, key))(jax.random.PRNGKey(int(config.seed)))
 
 
 def load_real_dataset(config) -> dict:
@@ -254,7 +279,7 @@ def bench_train(config, *, steps: int, warmup: int, n_devices: int | None = None
     ctx = parallel.replicate(S.StepContext(data=S.device_dataset(dataset), assets=assets, perceptual=perceptual),
                              devices)
     del dataset
-    state = parallel.replicate(S.init_state(config, jax.random.PRNGKey(int(config.seed))), devices)
+    state = parallel.replicate(initial_state(config), devices)
     metrics = parallel.replicate(S.zero_metrics(), devices)
     step_fn = S.pmap_train_step(config, global_batch, num_examples, devices)
     jax.block_until_ready((state, ctx))
@@ -286,11 +311,13 @@ def bench_train(config, *, steps: int, warmup: int, n_devices: int | None = None
     jax.block_until_ready((state, metrics))
 
     seconds = []
+    cpu0 = time.process_time()
     for _ in range(steps):
         t = time.perf_counter()
         state, metrics = call(state, metrics, ctx)
         jax.block_until_ready((state, metrics))
         seconds.append(time.perf_counter() - t)
+    cpu_s = (time.process_time() - cpu0) / steps
 
     if profile:
         Path(profile).mkdir(parents=True, exist_ok=True)
@@ -306,7 +333,7 @@ def bench_train(config, *, steps: int, warmup: int, n_devices: int | None = None
         log("warning: non-finite metrics after the timed steps (the timing is still valid)")
 
     t = _times(seconds)
-    flops = cost_flops(compiled)
+    flops, flops_source, compiled_flops = program_flops(lowered, compiled)
     dtype = str(config.train.compute_dtype)
     peak, peak_source = peak_tflops(devices[0].device_kind, dtype)
     mfu = flops / t["median"] / (peak * 1e12) if (flops and peak) else None
@@ -315,9 +342,10 @@ def bench_train(config, *, steps: int, warmup: int, n_devices: int | None = None
         "per_device_batch": local_batch, "devices": len(devices), "device_kind": devices[0].device_kind,
         "num_examples": num_examples, "data": data_note, "render_assets": assets_note, "vgg16_weights": vgg_note,
         "steps": steps, "warmup": warmup, "setup_s": setup_s, "lower_s": lower_s, "compile_s": compile_s,
-        "first_call_s": first_call_s, "step_time_s": t,
+        "first_call_s": first_call_s, "step_time_s": t, "process_cpu_s_per_step": cpu_s,
         "images_per_s": {"total": global_batch / t["median"], "per_device": local_batch / t["median"]},
-        "flops_per_step": {"per_device": flops, "total": flops * len(devices) if flops else None},
+        "flops_per_step": {"per_device": flops, "total": flops * len(devices) if flops else None,
+                           "source": flops_source, "compiled_per_device": compiled_flops},
         "tflops_per_s_per_device": flops / t["median"] / 1e12 if flops else None,
         "peak_tflops_per_device": peak, "peak_source": peak_source, "mfu": mfu,
         "peak_memory_bytes": peak_memory(devices), "compiled_memory": compiled_memory(compiled),
@@ -389,12 +417,14 @@ def bench_generate(config, *, batch: int, num_cfs: int, steps: int, warmup: int,
     for i in range(max(warmup, 1)):
         jax.block_until_ready(call(i))
     seconds = []
+    cpu_s = 0.0
     for i in range(steps):
         k = jax.random.fold_in(key, 1000 + i)
         jax.block_until_ready(k)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         jax.block_until_ready(compiled(variables, k))
         seconds.append(time.perf_counter() - t)
+        cpu_s += (time.process_time() - c) / steps
     if profile:
         Path(profile).mkdir(parents=True, exist_ok=True)
         with jax.profiler.trace(profile):
@@ -405,14 +435,15 @@ def bench_generate(config, *, batch: int, num_cfs: int, steps: int, warmup: int,
     assert out["image"].dtype == jnp.uint8
 
     t = _times(seconds)
-    flops = cost_flops(compiled)
+    flops, flops_source, compiled_flops = program_flops(lowered, compiled)
     peak, peak_source = peak_tflops(device.device_kind, dtype)
     return {
         "what": "generate", "variant": config.variant, "compute_dtype": dtype, "n_shapes": n_shapes,
         "num_cfs": num_cfs, "images_per_call": images, "devices": 1, "device_kind": device.device_kind,
         "weights": weights_note, "steps": steps, "warmup": warmup, "lower_s": t1 - t0, "compile_s": t2 - t1,
-        "call_time_s": t, "images_per_s": {"total": images / t["median"], "per_device": images / t["median"]},
-        "flops_per_call": flops, "tflops_per_s_per_device": flops / t["median"] / 1e12 if flops else None,
+        "call_time_s": t, "process_cpu_s_per_call": cpu_s, "images_per_s": {"total": images / t["median"], "per_device": images / t["median"]},
+        "flops_per_call": flops, "flops_source": flops_source, "compiled_flops_per_call": compiled_flops,
+        "tflops_per_s_per_device": flops / t["median"] / 1e12 if flops else None,
         "peak_tflops_per_device": peak, "peak_source": peak_source,
         "mfu": flops / t["median"] / (peak * 1e12) if (flops and peak) else None,
         "peak_memory_bytes": peak_memory([device]), "compiled_memory": compiled_memory(compiled),
@@ -458,8 +489,20 @@ def format_table(r: dict) -> str:
     rows += [("lower / compile", f"{r['lower_s']:.2f} s / {r['compile_s']:.2f} s"),
              (f"{what} (median)", f"{_ms(t['median'])} over {t['n']} (min {_ms(t['min'])}, max {_ms(t['max'])})"),
              ("images/s", f"{_num(r['images_per_s']['total'])} total, {_num(r['images_per_s']['per_device'])} per device")]
-    flops = r.get("flops_per_step", {}).get("per_device") if r["what"] == "train" else r.get("flops_per_call")
-    rows += [("FLOPs per device", "n/a" if not flops else f"{flops / 1e9:,.2f} GFLOP (XLA cost analysis)"),
+    cpu = r.get("process_cpu_s_per_step", r.get("process_cpu_s_per_call"))
+    if m["backend"] == "cpu" and cpu is not None:
+        # on a shared machine wall time includes waiting for cores; CPU time does not
+        rows.append(("process CPU time", f"{_ms(cpu)} per call (all threads; >= {_ms(cpu / (m['nproc'] or 1))} "
+                                         f"wall on {m['nproc']} idle cores)"))
+    if r["what"] == "train":
+        f = r.get("flops_per_step", {})
+        flops, source, compiled_flops = f.get("per_device"), f.get("source"), f.get("compiled_per_device")
+    else:
+        flops, source, compiled_flops = r.get("flops_per_call"), r.get("flops_source"), r.get("compiled_flops_per_call")
+    note = "XLA cost analysis" + (" of the lowered program" if source == "lowered" else "")
+    if source == "lowered" and compiled_flops and abs(compiled_flops - flops) > 0.01 * flops:
+        note += f"; the compiled program reports {compiled_flops / 1e9:,.2f}"
+    rows += [("FLOPs per device", "n/a" if not flops else f"{flops / 1e9:,.2f} GFLOP ({note})"),
              ("achieved", _num(r["tflops_per_s_per_device"], "{:.3f} TFLOP/s per device")),
              ("MFU", "n/a (peak unknown for this device)" if r["mfu"] is None
               else f"{100 * r['mfu']:.2f}% of {r['peak_tflops_per_device']:g} TFLOP/s ({r['peak_source']})"),
@@ -566,6 +609,9 @@ def run(args) -> int:
                                     warmup=args.warmup, checkpoint=args.checkpoint, profile=args.profile, log=log)
     except (BatchSplitError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
+    except ModuleNotFoundError as e:  # e.g. generation's tqdm / pillow on a minimal accelerator image
+        package = {"PIL": "pillow", "ml_collections": "ml-collections"}.get(e.name or "", e.name)
+        raise CLIError(f"{e}; `cgn-jax bench --what {args.what}` needs it: pip install {package}") from None
     result["command"] = _command(args)
     result["config"] = args.config
     result["config_overrides"] = list(getattr(args, "config_overrides", []))

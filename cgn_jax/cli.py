@@ -65,4 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m cgn_jax.cli`: run the imported module's main so that commands raising
+    # cgn_jax.cli.CLIError are caught (this file is also loaded as __main__).
+    from cgn_jax.cli import main as _main
+
+    sys.exit(_main())

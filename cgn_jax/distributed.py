@@ -156,3 +156,30 @@ def global_to_local_batch(global_batch: int, what: str = "train.batch_size") -> 
 def global_to_host_batch(global_batch: int, what: str = "train.batch_size") -> int:
     """Examples this process feeds per step (its devices' share of the global batch)."""
     return global_to_local_batch(global_batch, what) * jax.local_device_count()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cgn_jax.distributed COMMAND ARGS...`: join the job, then run `cgn-jax COMMAND ARGS...`.
+
+    Lets the launch scripts start any `cgn-jax` command on every host of a multi-process
+    job, whether or not that command initialises the distributed runtime itself.
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        initialize()
+    except DistributedError as e:
+        print(f"cgn_jax.distributed: error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local / "
+              f"{jax.device_count()} global devices", flush=True)
+    from cgn_jax.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
