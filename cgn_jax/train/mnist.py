@@ -50,7 +50,8 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     check_config(config)
     workdir = Path(workdir).absolute()
     is_main = jax.process_index() == 0
-    devices = list(devices) if devices is not None else jax.local_devices()
+    chosen = list(devices) if devices is not None else None  # None: all devices, pmap's default
+    devices = chosen or jax.local_devices()
     global_batch = int(config.train.batch_size)
     parallel.per_device_batch(global_batch, len(devices) * jax.process_count())  # fail before loading data
     if is_main:
@@ -58,11 +59,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
         _save_config(config, workdir / "config.json")
 
     # data, render assets and the frozen VGG16, all on the devices for the whole run
-    dataset = load_train_data(config)
-    num_examples = int(dataset["label"].shape[0])
-    ctx = parallel.replicate(S.StepContext(data=S.device_dataset(dataset), assets=_render_assets(config),
-                                           perceptual=_perceptual(config)), devices)
-    del dataset
+    ctx, num_examples = step_context(config, devices)
     steps_per_epoch = num_examples // global_batch
     num_steps = int(config.train.num_steps) or int(config.train.epochs) * steps_per_epoch
 
@@ -74,7 +71,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
         state, _ = checkpoints.restore(state, start)
         _say(is_main, f"resuming {workdir} from step {start}")
     start = int(state.step)
-    train_step = S.pmap_train_step(config, global_batch, num_examples, devices)
+    train_step = S.pmap_train_step(config, global_batch, num_examples, chosen)
     sampler = make_sampler(config)
     logger = MetricsLogger(workdir, enabled=is_main, resume_step=start if start else None)
     _say(is_main, f"training {config.variant} MNIST CGN: {num_steps} steps of global batch {global_batch} "
@@ -84,29 +81,29 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     metrics_sum = parallel.replicate(S.zero_metrics(), devices)
     del state
     every = _Every(config.train)
-    window_start, window_steps, last_metrics, compile_s = time.perf_counter(), 0, {}, None
+    summed = 0  # steps in metrics_sum
+    timer_start, timed, last_metrics, compile_s = time.perf_counter(), 0, {}, None
     pbar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main), dynamic_ncols=True,
                 desc=config.variant, unit="step")
     step = start
     with _StopOnSignal() as stop:
         while step < num_steps and not stop.signum:
             rstate, metrics_sum = train_step(rstate, metrics_sum, ctx)
-            step += 1
-            window_steps += 1
+            step, summed, timed = step + 1, summed + 1, timed + 1
             pbar.update(1)
-            if compile_s is None:  # one sync, to report the compilation time
+            if compile_s is None:  # one sync, to report the compilation time (and time steps without it)
                 jax.block_until_ready(metrics_sum)
-                compile_s = time.perf_counter() - window_start
-                window_start, window_steps = time.perf_counter(), 0
+                compile_s = time.perf_counter() - timer_start
+                timer_start, timed = time.perf_counter(), 0
                 _say(is_main, f"first step (compilation included) took {compile_s:.1f}s", pbar)
             if every.log(step) or step == num_steps:
-                last_metrics = _mean_metrics(metrics_sum, window_steps or 1)
+                last_metrics = _mean_metrics(metrics_sum, summed)
                 now = time.perf_counter()
-                last_metrics["sec_per_step"] = (now - window_start) / max(window_steps, 1)
+                last_metrics["sec_per_step"] = (now - timer_start) / timed if timed else compile_s
                 logger.write(step, last_metrics)
                 pbar.set_postfix({k: f"{last_metrics[k]:.3f}" for k in ("g_loss", "d_loss", "mask_mean")})
-                metrics_sum = parallel.replicate(S.zero_metrics(), devices)
-                window_start, window_steps = now, 0
+                metrics_sum, summed = parallel.replicate(S.zero_metrics(), devices), 0
+                timer_start, timed = now, 0
             if every.sample(step) and is_main:
                 save_samples(sampler, rstate, workdir / "samples" / f"step_{step:07d}.png", config, step)
             if every.checkpoint(step):
@@ -118,7 +115,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
         _checkpoint(checkpoints, rstate, step, config, workdir)
     elif not (workdir / "generator" / "meta.json").exists():
         export_generator(workdir / "generator", parallel.to_host(rstate.generator), config, step)
-    if is_main and step > start and not every.sample(step):
+    if is_main and step > start and not every.sample(step) and not stop.signum:  # a preempted run saves time
         save_samples(sampler, rstate, workdir / "samples" / f"step_{step:07d}.png", config, step)
     checkpoints.close()
     logger.close()
@@ -151,14 +148,25 @@ def check_config(config) -> None:
         raise ValueError("set train.num_steps or train.epochs to a positive number")
 
 
+def step_context(config, devices) -> tuple[S.StepContext, int]:
+    """(the step's constant inputs replicated on `devices`, number of training examples)."""
+    dataset = load_train_data(config)
+    ctx = S.StepContext(data=S.device_dataset(dataset), assets=_render_assets(config), perceptual=_perceptual(config))
+    return parallel.replicate(ctx, devices), int(dataset["label"].shape[0])
+
+
 def load_train_data(config) -> dict[str, np.ndarray]:
-    """The training split of `config.variant` as numpy arrays (see `cgn_jax.data.load_variant`)."""
+    """The training split of `config.variant` as numpy arrays (see `cgn_jax.data.load_variant`).
+
+    The dataset's own seed (`dataset.seed`, default 0) is not the run's seed: a new run seed
+    changes the training randomness, not the benchmark data (and needs no rebuild of them).
+    """
     from cgn_jax.data import load_variant
 
     d = config.dataset
     return load_variant(config.variant, "train", mnist_dir=_mnist_dir(d.mnist_dir),
                         textures_dir=_textures_dir(config), data_dir=d.data_dir or None,
-                        correlation=float(d.correlation), seed=int(config.seed), limit=int(d.limit) or None)
+                        correlation=float(d.correlation), seed=int(d.get("seed", 0)), limit=int(d.limit) or None)
 
 
 def _mnist_dir(value: str):

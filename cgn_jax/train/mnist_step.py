@@ -88,18 +88,25 @@ def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.Gradien
 def init_state(config, key: jax.Array | None = None) -> TrainState:
     """The step-0 state (unreplicated); `key` defaults to PRNGKey(config.seed)."""
     key = jax.random.PRNGKey(config.seed) if key is None else key
-    k_g, k_d, k_run = jax.random.split(key, 3)
     generator, discriminator = build_models(config)
     g_tx, d_tx = make_optimizers(config)
-    g_vars = mnist_cgn.init_variables(generator, k_g)
-    d_vars = discriminators.init_variables(discriminator, k_d, config.model.img_size)
+    img = config.model.img_size
 
-    def net(variables, tx):
-        return NetState(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
-                        opt_state=tx.init(variables["params"]))
+    def init(key):
+        k_g, k_d, k_run = jax.random.split(key, 3)
+        y = jnp.zeros((2,), jnp.int32)
+        g_vars = generator.init({"params": k_g}, jnp.zeros((2, generator.latent_dim)), y, y, y, train=False,
+                                method=mnist_cgn.MnistCGN.mechanisms)
+        d_vars = discriminator.init({"params": k_d}, jnp.zeros((2, img, img, 3)), y, train=False)
 
-    return TrainState(step=jnp.zeros((), jnp.int32), key=k_run,
-                      generator=net(g_vars, g_tx), discriminator=net(d_vars, d_tx))
+        def net(variables, tx):
+            return NetState(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
+                            opt_state=tx.init(variables["params"]))
+
+        return TrainState(step=jnp.zeros((), jnp.int32), key=k_run,
+                          generator=net(g_vars, g_tx), discriminator=net(d_vars, d_tx))
+
+    return jax.jit(init)(key)  # one compilation for all initialisers
 
 
 def device_dataset(dataset: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -283,13 +290,14 @@ def pmap_train_step(config, global_batch: int, num_examples: int, devices: Seque
 
     Raises `parallel.BatchSplitError` if the global batch does not split over the devices.
     """
-    devices = list(devices) if devices is not None else jax.local_devices()
-    step = make_train_step(config, _local_batch(global_batch, num_examples, devices), num_examples)
-    return jax.pmap(step, axis_name=AXIS, devices=devices, donate_argnums=(0, 1))
+    local = _local_batch(global_batch, num_examples, devices if devices is not None else jax.local_devices())
+    step = make_train_step(config, local, num_examples)
+    return jax.pmap(step, axis_name=AXIS, devices=list(devices) if devices is not None else None,
+                    donate_argnums=(0, 1))
 
 
 def pmap_eval_step(config, global_batch: int, num_examples: int, devices: Sequence | None = None):
     """`make_eval_step` compiled over `devices`; `at_step` is a replicated int32."""
-    devices = list(devices) if devices is not None else jax.local_devices()
-    evaluate = make_eval_step(config, _local_batch(global_batch, num_examples, devices), num_examples)
-    return jax.pmap(evaluate, axis_name=AXIS, devices=devices)
+    local = _local_batch(global_batch, num_examples, devices if devices is not None else jax.local_devices())
+    evaluate = make_eval_step(config, local, num_examples)
+    return jax.pmap(evaluate, axis_name=AXIS, devices=list(devices) if devices is not None else None)

@@ -1,0 +1,374 @@
+"""MNIST CGN training: the step learns, splits over devices, resumes bit-exactly, stops cleanly on SIGTERM.
+
+Every test trains on the first 64 examples with a global batch of 8, so they share
+compiled programs; the persistent XLA compilation cache (the one `cgn-jax train`
+uses) carries them between tests and into the subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from cgn_jax.configs.mnist import get_config
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH, LIMIT = 8, 64
+
+
+def tiny_config(variant: str = "colored", **train):
+    c = get_config(variant)
+    c.dataset.limit = LIMIT
+    c.train.batch_size = BATCH
+    c.train.num_steps = 6
+    c.train.log_every = 2
+    c.train.sample_every = 3
+    c.train.checkpoint_every = 3
+    c.train.keep_checkpoints = 2
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+def _compile_cache_dir() -> str:
+    from cgn_jax.paths import cache_dir
+
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_dir("xla"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache():
+    """Use the persistent compilation cache in this module (and its subprocesses), as the CLI does."""
+    try:
+        from jax._src import compilation_cache as cc
+    except ImportError:  # pragma: no cover - layout of another JAX version
+        cc = None
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", _compile_cache_dir())
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if cc is not None:
+        cc.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    if cc is not None:
+        cc.reset_cache()
+
+
+def _subprocess_env(**extra) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=_compile_cache_dir(),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+# ---------------------------------------------------------------------------- cheap checks
+
+def test_batch_that_does_not_split_names_both_numbers_and_the_fix():
+    from cgn_jax.parallel import BatchSplitError, per_device_batch
+
+    assert per_device_batch(64, 8) == 8
+    with pytest.raises(BatchSplitError) as e:
+        per_device_batch(12, 8)
+    msg = str(e.value)
+    assert "train.batch_size=12" in msg and "8 devices" in msg
+    assert "--config.train.batch_size=8" in msg and "--config.train.batch_size=16" in msg
+
+
+def test_unknown_variant_is_a_cli_error(tmp_path, capsys):
+    from cgn_jax.cli import main
+
+    assert main(["train", "--config=configs/mnist.py:fashion", f"--workdir={tmp_path / 'w'}"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown MNIST variant 'fashion'" in err and "double_colored" in err
+    assert "Traceback" not in err and not (tmp_path / "w").exists()
+
+
+def test_cli_errors_for_bad_settings(tmp_path, capsys):
+    from cgn_jax.cli import main
+
+    assert main(["train", f"--workdir={tmp_path}", "--config.train.compute_dtype=float16"]) == 2
+    assert "compute_dtype" in capsys.readouterr().err
+    assert main(["train", f"--workdir={tmp_path}", "--devices=99"]) == 2
+    assert "--devices=99" in capsys.readouterr().err
+
+
+def test_cli_defaults_to_colored_and_runs_dir(tmp_path, monkeypatch):
+    import cgn_jax.train.mnist as mnist
+    from cgn_jax.cli import main
+
+    seen = {}
+
+    def fake_train(config, workdir, devices=None, progress=True):
+        seen.update(variant=config.variant, workdir=workdir, batch=config.train.batch_size, progress=progress)
+        return mnist.TrainResult(step=0, num_steps=0, status="completed", signal=None, workdir=Path(workdir),
+                                 compile_s=None, last_metrics={})
+
+    monkeypatch.setattr(mnist, "train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--no-compile-cache", "--no-progress", "--config.train.batch_size=32"]) == 0
+    assert seen == {"variant": "colored", "workdir": Path("runs") / "colored", "batch": 32, "progress": False}
+
+
+def test_metrics_logger_drops_records_after_the_resumed_step(tmp_path):
+    from cgn_jax.train.logging import MetricsLogger
+
+    log = MetricsLogger(tmp_path)
+    for step in (2, 4, 6):
+        log.write(step, {"g_loss": 1.0 / step, "mask_mean": 0.5, "mask_var": 0.1})
+    log.close()
+    assert (tmp_path / "plots" / "losses.png").is_file() and (tmp_path / "plots" / "mask.png").is_file()
+    assert any((tmp_path / "tb").iterdir())
+    log = MetricsLogger(tmp_path, resume_step=4)
+    log.write(5, {"g_loss": 0.3})
+    log.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 5]
+    assert MetricsLogger(tmp_path / "off", enabled=False).plot() == [] and not (tmp_path / "off").exists()
+
+
+# ---------------------------------------------------------------------------- the step learns
+
+@pytest.mark.parametrize("variant", ["colored", pytest.param("double_colored", marks=pytest.mark.slow),
+                                     pytest.param("wildlife", marks=pytest.mark.slow)])
+def test_training_steps_reduce_the_generator_loss_on_a_fixed_batch(variant):
+    from cgn_jax import parallel as P
+    from cgn_jax.train import mnist as M
+    from cgn_jax.train import mnist_step as S
+
+    config = tiny_config(variant)
+    devices = jax.local_devices()[:1]
+    ctx, n = M.step_context(config, devices)
+    train_step = S.pmap_train_step(config, BATCH, n, devices)
+    evaluate = S.pmap_eval_step(config, BATCH, n, devices)
+    state = P.replicate(S.init_state(config), devices)
+    metrics = P.replicate(S.zero_metrics(), devices)
+    at_step0 = P.replicate(np.int32(0), devices)  # the batch, noise and dropout of step 0
+    before = P.to_host(evaluate(state, ctx, at_step0))
+    for _ in range(8):
+        state, metrics = train_step(state, metrics, ctx)
+    after = P.to_host(evaluate(state, ctx, at_step0))
+    steps_metrics = {k: float(v) / 8 for k, v in P.to_host(metrics).items()}
+    assert set(steps_metrics) == set(S.METRICS) and all(np.isfinite(list(steps_metrics.values())))
+    assert int(P.to_host(state).step) == 8
+    assert after["g_loss"] < before["g_loss"], (before, after)
+    assert after["g_perc"] < before["g_perc"], (before, after)
+    assert 0.0 < after["mask_mean"] < 1.0 and 0.0 <= after["mask_var"] <= 0.25
+
+
+# ---------------------------------------------------------------------------- one device vs eight
+
+_SPLIT_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, numpy as np, flax
+    sys.path.insert(0, sys.argv[3])
+    from test_train_mnist import tiny_config
+    from cgn_jax import parallel as P
+    from cgn_jax.checkpoint import flatten_with_names
+    from cgn_jax.train import mnist as M, mnist_step as S
+
+    variant, out = sys.argv[1], sys.argv[2]
+    config = tiny_config(variant)
+    devices = jax.local_devices()
+    assert len(devices) == 8, devices
+    runs = {}
+    for n in (1, 8):
+        ctx, num = M.step_context(config, devices[:n])
+        runs[n] = (S.pmap_train_step(config, 8, num, devices[:n]), ctx, devices[:n])
+    res, state = {}, S.init_state(config)
+    for i in (1, 2):  # step 1 from the initial state, step 2 from the state after step 1 (on one device)
+        for n, (step, ctx, d) in runs.items():
+            new, metrics = step(P.replicate(state, d), P.replicate(S.zero_metrics(), d), ctx)
+            res[f"{n}/replica_spread"] = max(float(np.max(np.abs(np.asarray(x) - np.asarray(x)[:1])))
+                                             for x in jax.tree.leaves(new) if np.asarray(x).size)
+            for k, v in P.to_host(metrics).items():
+                res[f"{n}/step{i}/metrics/{k}"] = v
+            host = P.to_host(new)
+            for name, v in flatten_with_names(flax.serialization.to_state_dict(host)).items():
+                res[f"{n}/step{i}/{name}"] = np.asarray(v)
+            if n == 1:
+                after_one = host
+        state = after_one
+    bad = config.copy_and_resolve_references()
+    bad.train.batch_size = 12
+    try:
+        M.train(bad, out + ".workdir", devices=devices, progress=False)
+        res["split_error"] = ""
+    except Exception as e:
+        res["split_error"] = f"{type(e).__name__}: {e}"
+    np.savez(out, **res)
+""")
+
+
+@pytest.mark.parametrize("variant", ["colored", pytest.param("wildlife", marks=pytest.mark.slow)])
+def test_one_and_eight_devices_make_the_same_update(variant, tmp_path):
+    """From the same state, one step over 1 device and over 8 (global batch 8) agree to float rounding."""
+    out = tmp_path / "split.npz"
+    proc = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT, variant, str(out), str(Path(__file__).parent)],
+                          env=_subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = dict(np.load(out))
+    assert r["8/replica_spread"] == 0.0  # every device holds the same state
+    err = str(r["split_error"])
+    assert err.startswith("BatchSplitError") and "batch_size=12" in err and "8 devices" in err, err
+    lr = tiny_config(variant).optim.lr
+    for i in (1, 2):
+        one = {k[len(f"1/step{i}/"):]: v for k, v in r.items() if k.startswith(f"1/step{i}/")}
+        eight = {k[len(f"8/step{i}/"):]: v for k, v in r.items() if k.startswith(f"8/step{i}/")}
+        assert one.keys() == eight.keys()
+        for name in [k for k in one if k.startswith("metrics/") or k in ("key", "step")]:
+            np.testing.assert_allclose(eight[name], one[name], rtol=1e-4, atol=1e-6, err_msg=f"step {i} {name}")
+        for net in ("generator", "discriminator"):
+            # Adam moments are linear in the gradients: compare at the scale of the network's gradients
+            # (some gradients are exactly zero in exact arithmetic, e.g. of a bias just before BatchNorm,
+            # and only rounding noise in float)
+            for moment in ("mu", "nu"):
+                names = [k for k in one if k.startswith(f"{net}/opt_state/") and f"/{moment}/" in k]
+                scale = max(float(np.max(np.abs(one[k]))) for k in names)
+                for k in names:
+                    assert np.max(np.abs(eight[k] - one[k])) <= 3e-3 * scale, f"step {i} {k}"
+            for k in [k for k in one if k.startswith(f"{net}/batch_stats/")]:
+                np.testing.assert_allclose(eight[k], one[k], rtol=1e-3, atol=1e-4, err_msg=f"step {i} {k}")
+            # parameters: an Adam step moves each weight by about lr * sign(gradient), so a weight whose
+            # gradient is zero up to rounding may move the other way; all others agree closely
+            params = [k for k in one if k.startswith(f"{net}/params/")]
+            diffs = np.concatenate([np.abs(eight[k] - one[k]).ravel() for k in params])
+            assert diffs.max() <= 2 * lr + 1e-6, f"step {i} {net}"
+            assert np.mean(diffs > 1e-5) < 1e-3, f"step {i} {net}: {np.mean(diffs > 1e-5)}"
+
+
+# ---------------------------------------------------------------------------- the loop
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted 6-step run with checkpoints at 3 and 6."""
+    from cgn_jax.train.mnist import train
+
+    workdir = tmp_path_factory.mktemp("full")
+    result = train(tiny_config(), workdir, progress=False)
+    return workdir, result
+
+
+def _final_state(workdir):
+    from cgn_jax.train import mnist_step as S
+    from cgn_jax.train.checkpointing import TrainCheckpoints
+
+    with TrainCheckpoints(workdir / "checkpoints") as ckpt:
+        step = ckpt.latest_step()
+        state, meta = ckpt.restore(S.init_state(tiny_config()), step)
+    return step, state, meta
+
+
+def test_training_run_writes_logs_samples_checkpoints_and_a_generator(full_run):
+    from cgn_jax.port.mnist import load_mnist_cgn
+    from cgn_jax.train import mnist_step as S
+
+    workdir, result = full_run
+    assert result.status == "completed" and result.step == 6 and result.compile_s > 0
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["variant"] == "colored" and config["train"]["batch_size"] == BATCH
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert set(records[0]) == {"step", "sec_per_step", *S.METRICS}
+    for r in records:  # window means: a mask in [0, 1] has variance <= mean * (1 - mean)
+        assert 0 < r["mask_mean"] < 1 and r["mask_var"] <= r["mask_mean"] * (1 - r["mask_mean"]) + 1e-6, r
+        assert r["sec_per_step"] > 0
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert {p.name for p in (workdir / "plots").iterdir()} == {"losses.png", "mask.png"}
+    assert {p.name for p in (workdir / "samples").iterdir()} == {"step_0000003.png", "step_0000006.png"}
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+
+    model, variables = load_mnist_cgn(workdir / "generator")
+    meta = json.loads((workdir / "generator" / "meta.json").read_text())
+    assert meta["variant"] == "colored" and meta["step"] == 6 and meta["latent_dim"] == 32
+    step, state, _ = _final_state(workdir)
+    jax.tree.map(np.testing.assert_array_equal, variables,
+                 {"params": state.generator.params, "batch_stats": state.generator.batch_stats})
+    y = jax.numpy.arange(4)
+    out = model.apply(variables, y, rngs={"noise": jax.random.PRNGKey(0), "texture": jax.random.PRNGKey(1)})
+    assert out["image"].shape == (4, 32, 32, 3)
+
+
+def test_resume_continues_the_run_bit_exactly(full_run, tmp_path, capsys):
+    from cgn_jax.train.mnist import train
+
+    workdir = tmp_path / "split"
+    first = train(tiny_config(num_steps=3), workdir, progress=False)
+    assert first.step == 3 and first.status == "completed"
+    resumed = train(tiny_config(log_every=1), workdir, progress=False)  # a log-only change: no warning
+    out = capsys.readouterr().out
+    assert "resuming" in out and "warning" not in out
+    assert resumed.step == 6
+    step, state, _ = _final_state(workdir)
+    ref_step, ref, _ = _final_state(full_run[0])
+    assert step == ref_step == 6
+    jax.tree.map(np.testing.assert_array_equal, state, ref)  # parameters, statistics, optimizer states, key
+
+    # already finished: nothing to do, nothing changes
+    again = train(tiny_config(), workdir, progress=False)
+    assert again.step == 6 and again.compile_s is None
+
+
+def test_resuming_with_a_changed_hyperparameter_warns(tmp_path, capsys):
+    from cgn_jax.train.mnist import _save_config
+
+    _save_config(tiny_config(), tmp_path / "config.json")
+    _save_config(tiny_config(num_steps=100, log_every=7), tmp_path / "config.json")
+    assert capsys.readouterr().out == ""
+    changed = tiny_config()
+    changed.loss.mask = 0.5
+    _save_config(changed, tmp_path / "config.json")
+    assert "loss.mask" in capsys.readouterr().out
+    assert json.loads((tmp_path / "config.json").read_text())["loss"]["mask"] == 0.5
+
+
+def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(tmp_path):
+    from cgn_jax.checkpoint import read_meta
+    from cgn_jax.train.checkpointing import TrainCheckpoints
+
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cgn_jax.cli", "train", f"--workdir={workdir}", "--no-progress",
+           f"--config.dataset.limit={LIMIT}", f"--config.train.batch_size={BATCH}", "--config.train.num_steps=10000",
+           "--config.train.log_every=1", "--config.train.sample_every=0", "--config.train.checkpoint_every=0"]
+    proc = subprocess.Popen(cmd, env=_subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 600
+        metrics = workdir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped by SIGTERM" in out and "Traceback" not in out
+    with TrainCheckpoints(workdir / "checkpoints") as ckpt:
+        step = ckpt.latest_step()
+    assert step is not None and 2 <= step < 10000
+    assert read_meta(workdir / "generator")["step"] == step
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_trains(tmp_path):
+    from cgn_jax.train.mnist import train
+
+    config = tiny_config(num_steps=4, compute_dtype="bfloat16", sample_every=0, checkpoint_every=0)
+    result = train(config, tmp_path, progress=False)
+    assert result.step == 4 and all(np.isfinite(list(result.last_metrics.values())))
+    _, state, _ = _final_state(tmp_path)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.generator.params))
