@@ -54,8 +54,14 @@ def run(args) -> int:
     from cgn_jax.checkpoint import CheckpointMismatchError
     from cgn_jax.parallel import BatchSplitError
 
+    from cgn_jax import distributed
+
+    # Multi-host jobs (Cloud TPU pods, SLURM, or CGN_JAX_COORDINATOR etc.) join before any device use.
+    distributed.initialize()
     devices = None
     if args.devices is not None:
+        if jax.process_count() > 1:
+            raise CLIError("--devices cannot be used in a multi-process job; every process uses all its devices")
         if not 1 <= args.devices <= jax.local_device_count():
             raise CLIError(f"--devices={args.devices}, but this machine has {jax.local_device_count()} device(s)")
         devices = jax.local_devices()[: args.devices]
