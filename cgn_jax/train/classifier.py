@@ -6,9 +6,12 @@ colours, sampling the CGN, reading a metric) would dominate. So everything a ste
 lives on the device: the digits and cue labels of the real split (rendered with fresh
 augmentation inside the step), the generator's weights (counterfactuals are sampled
 inside the step and never leave the device) or a stored counterfactual dataset, and the
-test split. An epoch is a `lax.scan` over its steps, pmapped over the local devices
-(gradients `pmean`-ed, BatchNorm statistics synchronised) and vmapped over independent
-runs (seeds), so a Table 1 row is one call per epoch for all of its seeds together.
+test split. On an accelerator an epoch is a `lax.scan` over its steps, pmapped over the
+local devices (gradients `pmean`-ed, BatchNorm statistics synchronised) and vmapped over
+independent runs (seeds), so a Table 1 row is one call per epoch for all of its seeds.
+XLA:CPU runs convolutions inside loops, and batched-kernel (vmapped) convolutions, several
+times slower, so on CPU the same step is dispatched once per step (asynchronously; still no
+host syncs within an epoch) and seeds run one after another; results are the same.
 
 This module is plain JAX/Flax/optax (no ml_collections, no tensorflow_datasets, tqdm
 optional): the data arrive as numpy arrays, so a machine without the TFDS stack can run
@@ -81,6 +84,10 @@ class ClassifierSetup:
     pool: str = "official"          # classifier head, see cgn_jax.models.classifier
     steps_per_epoch: int = 0        # 0: derived from the data (see module docstring)
     steps_per_call: int = 0         # 0: one call per epoch; else smaller calls (finer progress)
+    # "scan": an epoch is a lax.scan inside one call (accelerators); "steps": one call per step,
+    # dispatched asynchronously (XLA:CPU runs convolutions inside loops several times slower);
+    # "auto": "steps" on CPU, "scan" elsewhere.
+    loop: str = "auto"
     eval_batch_size: int = 500
 
     def __post_init__(self):
@@ -98,6 +105,8 @@ class ClassifierSetup:
             raise SetupError("original+gan samples the CGN on the fly (stored datasets hold counterfactuals)")
         if not 0.0 < self.real_fraction < 1.0 and self.mode in ("original+gan", "original+cgn"):
             raise SetupError(f"real_fraction must be in (0, 1) for {self.mode}, got {self.real_fraction}")
+        if self.loop not in ("auto", "scan", "steps"):
+            raise SetupError(f"unknown loop {self.loop!r}; valid: auto, scan, steps")
         for name in ("batch_size", "epochs", "num_cfs", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise SetupError(f"{name} must be positive, got {getattr(self, name)}")
@@ -349,14 +358,16 @@ def _train_step(state: TrainState, batch: dict, *, model: CNN, tx, setup: Classi
     return TrainState(params, batch_stats, opt_state, state.step + 1), metrics
 
 
-def _member_chunk(state, member_key, data, gen_variables, epoch, start, *, n_steps: int, model, tx,
+def _member_perms(member_key, data, epoch, *, setup: ClassifierSetup):
+    n_cf = data["cf_image"].shape[0] if "cf_image" in data else 0
+    return _epoch_permutations(jax.random.fold_in(member_key, epoch), setup, data["digit"].shape[0], n_cf)
+
+
+def _member_chunk(state, member_key, perms, data, gen_variables, epoch, start, *, n_steps: int, model, tx,
                   setup: ClassifierSetup, plan: BatchPlan, gen_model, n_devices: int):
     """`n_steps` steps of one run (seed) on one device, from step `start` of epoch `epoch`."""
-    epoch_key = jax.random.fold_in(member_key, epoch)
-    n_cf = data["cf_image"].shape[0] if "cf_image" in data else 0
-    perms = _epoch_permutations(epoch_key, setup, data["digit"].shape[0], n_cf)
     device = jax.lax.axis_index(AXIS)
-    step_key = jax.random.fold_in(epoch_key, 1)
+    step_key = jax.random.fold_in(jax.random.fold_in(member_key, epoch), 1)
 
     def body(carry, i):
         state, sums = carry
@@ -368,20 +379,23 @@ def _member_chunk(state, member_key, data, gen_variables, epoch, start, *, n_ste
         return (state, jax.tree.map(jnp.add, sums, metrics)), None
 
     zeros = {k: jnp.float32(0.0) for k in _METRIC_KEYS}
-    (state, sums), _ = jax.lax.scan(body, (state, zeros), jnp.arange(n_steps))
+    if n_steps == 1:  # no loop at all (see `ClassifierSetup.loop`)
+        (state, sums), _ = body((state, zeros), jnp.int32(0))
+    else:
+        (state, sums), _ = jax.lax.scan(body, (state, zeros), jnp.arange(n_steps))
     sums = jax.lax.psum(sums, AXIS)
     sums["steps"] = sums["steps"] / n_devices
     sums["penalty_sum"] = sums["penalty_sum"] / n_devices
     return state, sums
 
 
-def _member_eval(state, data, *, model, eval_bs: int, n_devices: int):
-    """Correct count and summed NLL on the test split (each device its share)."""
+def _member_eval(state, data, first, *, model, eval_bs: int, n_batches: int, n_devices: int):
+    """Correct count and summed NLL on `n_batches` test batches from batch `first` of each device's share."""
     rows = data["test_image"].shape[0] // n_devices
     device = jax.lax.axis_index(AXIS)
 
     def body(sums, i):
-        start = device * rows + i * eval_bs
+        start = device * rows + (first + i) * eval_bs
         image = jax.lax.dynamic_slice_in_dim(data["test_image"], start, eval_bs)
         label = jax.lax.dynamic_slice_in_dim(data["test_label"], start, eval_bs)
         mask = jax.lax.dynamic_slice_in_dim(data["test_mask"], start, eval_bs)
@@ -393,7 +407,10 @@ def _member_eval(state, data, *, model, eval_bs: int, n_devices: int):
                 "count": sums["count"] + mask.sum()}, None
 
     zeros = {k: jnp.float32(0.0) for k in ("correct", "nll_sum", "count")}
-    sums, _ = jax.lax.scan(body, zeros, jnp.arange(rows // eval_bs))
+    if n_batches == 1:
+        sums, _ = body(zeros, jnp.int32(0))
+    else:
+        sums, _ = jax.lax.scan(body, zeros, jnp.arange(n_batches))
     return jax.lax.psum(sums, AXIS)
 
 
@@ -444,18 +461,22 @@ def member_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array]:
 
 def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets: dict[str, Any],
                      generator: Generator | None = None, seeds: Sequence[int] = (0,), *,
-                     devices: Sequence | None = None, progress: bool = True,
+                     devices: Sequence | None = None, vmap_seeds: bool | None = None, progress: bool = True,
                      on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train one classifier per seed (together, vmapped) and evaluate after every epoch.
+    """Train one classifier per seed and evaluate each after every epoch.
 
+    vmap_seeds: train all seeds in one vmapped computation (None: on accelerators only; on
+    CPU, XLA runs the resulting batched-kernel convolutions far slower than one seed after
+    another, which reuses the same compiled functions).
     Returns {'history': [per-epoch record], 'variables': [per seed {'params', 'batch_stats'}
-    as numpy], 'steps_per_epoch', 'timing': {...}}; each record holds per-seed lists of
-    train_loss, train_acc (all training images), train_acc_real, train_acc_gen,
-    irm_penalty, test_loss, test_acc, plus lr, seconds and images_per_s. `on_epoch` gets
-    each record as soon as it is fetched.
+    as numpy], 'steps_per_epoch', 'seeds', 'timing'}; each record holds per-seed lists of
+    train_loss, train_acc (all training images), train_acc_real, train_acc_gen, irm_penalty,
+    test_loss, test_acc, plus lr, seconds and images_per_s. `on_epoch` gets each record (of
+    a group of seeds trained together) as soon as it is fetched.
     """
     devices = list(devices) if devices is not None else jax.local_devices()
     n_dev = len(devices)
+    platform = devices[0].platform
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise SetupError("need at least one seed")
@@ -470,86 +491,128 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
     tx = make_optimizer(setup, spe)
     schedule = make_schedule(setup, spe)
     gen_model = generator.model if setup.uses_generator else None
+    loop = setup.loop if setup.loop != "auto" else ("steps" if platform == "cpu" else "scan")
+    if vmap_seeds is None:
+        vmap_seeds = platform != "cpu"
+    groups = [seeds] if vmap_seeds else [[s] for s in seeds]
 
-    init_keys, data_keys = member_keys(seeds)
-
-    def init_member(key):
-        variables = init_variables(CNN(pool=setup.pool), key)
-        return TrainState(variables["params"], variables["batch_stats"], tx.init(variables["params"]),
-                          jnp.int32(0))
-
-    states = replicate(jax.jit(jax.vmap(init_member))(init_keys), devices)
-    keys = replicate(data_keys, devices)
     data_dev = replicate(host, devices)
     gen_dev = replicate(generator.variables if setup.uses_generator else {}, devices)
 
+    # ---- compiled once, reused by every group of seeds
     chunk_fns: dict[int, Callable] = {}
 
     def chunk_fn(n_steps):
         if n_steps not in chunk_fns:
             fn = functools.partial(_member_chunk, n_steps=n_steps, model=model, tx=tx, setup=setup, plan=plan,
                                    gen_model=gen_model, n_devices=n_dev)
-            chunk_fns[n_steps] = jax.pmap(jax.vmap(fn, in_axes=(0, 0, None, None, None, None)), axis_name=AXIS,
-                                          in_axes=(0, 0, 0, 0, None, None), devices=devices, donate_argnums=(0,))
+            chunk_fns[n_steps] = jax.pmap(jax.vmap(fn, in_axes=(0, 0, 0, None, None, None, None)), axis_name=AXIS,
+                                          in_axes=(0, 0, 0, 0, 0, None, None), devices=devices, donate_argnums=(0,))
         return chunk_fns[n_steps]
 
-    eval_fn = jax.pmap(jax.vmap(functools.partial(_member_eval, model=model, eval_bs=eval_bs, n_devices=n_dev),
-                                in_axes=(0, None)), axis_name=AXIS, devices=devices)
+    perm_fn = jax.pmap(jax.vmap(functools.partial(_member_perms, setup=setup), in_axes=(0, None, None)),
+                       axis_name=AXIS, in_axes=(0, 0, None), devices=devices)
+    chunks = _chunks(spe, 1 if loop == "steps" else setup.steps_per_call)
+    eval_batches = host["test_image"].shape[0] // n_dev // eval_bs
+    eval_calls = [(i, 1) for i in range(eval_batches)] if loop == "steps" else [(0, eval_batches)]
+    eval_fns = {n: jax.pmap(jax.vmap(functools.partial(_member_eval, model=model, eval_bs=eval_bs, n_batches=n,
+                                                       n_devices=n_dev), in_axes=(0, None, None)),
+                            axis_name=AXIS, in_axes=(0, 0, None), devices=devices)
+                for n in {n for _, n in eval_calls}}
 
-    images_per_step = plan.size * n_dev * len(seeds)
-    history = []
-    chunks = _chunks(spe, setup.steps_per_call)
-    bar = _progress_bar(setup.epochs * spe, f"{setup.variant} {setup.mode}"
+    def evaluate(states):
+        out = None
+        for first, n in eval_calls:
+            ev = eval_fns[n](states, data_dev, first)
+            out = ev if out is None else jax.tree.map(jnp.add, out, ev)
+        return out
+
+    def init_member(key):
+        variables = init_variables(CNN(pool=setup.pool), key)
+        return TrainState(variables["params"], variables["batch_stats"], tx.init(variables["params"]),
+                          jnp.int32(0))
+
+    # calls between progress updates (each one a wait for the device, never a transfer)
+    sync_every = (setup.steps_per_call or spe) if loop == "steps" else 1
+    bar = _progress_bar(setup.epochs * spe * len(groups), f"{setup.variant} {setup.mode}"
                         + (f" irm{setup.n_envs}" if setup.irm_correlations else ""), progress)
+    per_group, variables = [], []
     t_start = time.perf_counter()
     try:
-        for epoch in range(setup.epochs):
-            t0 = time.perf_counter()
-            totals = None
-            for start, length in chunks:
-                states, sums = chunk_fn(length)(states, keys, data_dev, gen_dev, epoch, start)
-                totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-                if len(chunks) > 1:
-                    jax.block_until_ready(sums)
-                bar.update(length)
-            jax.block_until_ready(totals)
-            t_train = time.perf_counter() - t0
-            ev = eval_fn(states, data_dev)
-            tr, ev = jax.device_get((jax.tree.map(lambda x: x[0], totals), jax.tree.map(lambda x: x[0], ev)))
-            seconds = time.perf_counter() - t0
-            record = {
-                "epoch": epoch + 1,
-                "lr": float(schedule(epoch * spe)),
-                "seeds": seeds,
-                "train_loss": (tr["nll_sum"] / tr["count"]).tolist(),
-                "train_acc": (tr["correct"] / tr["count"]).tolist(),
-                "train_acc_real": (tr["correct_real"] / np.maximum(tr["count_real"], 1)).tolist()
-                if plan.n_real else None,
-                "train_acc_gen": (tr["correct_gen"] / np.maximum(tr["count_gen"], 1)).tolist() if plan.n_gen else None,
-                "irm_penalty": (tr["penalty_sum"] / tr["steps"]).tolist() if setup.irm_correlations else None,
-                "test_loss": (ev["nll_sum"] / ev["count"]).tolist(),
-                "test_acc": (ev["correct"] / ev["count"]).tolist(),
-                "train_seconds": t_train,
-                "seconds": seconds,
-                "images_per_s": spe * images_per_step / t_train,
-            }
-            history.append(record)
-            bar.set_postfix(test_acc=f"{np.mean(record['test_acc']):.3f}",
-                            train_acc=f"{np.mean(record['train_acc']):.3f}")
-            if on_epoch is not None:
-                on_epoch(record)
+        for group in groups:
+            init_keys, data_keys = member_keys(group)
+            states = replicate(jax.vmap(init_member)(init_keys), devices)  # eager: compiling it costs more
+            keys = replicate(data_keys, devices)
+            images_per_step = plan.size * n_dev * len(group)
+            history = []
+            for epoch in range(setup.epochs):
+                t0 = time.perf_counter()
+                totals = None
+                perms = perm_fn(keys, data_dev, epoch)
+                done = 0
+                for i, (start, length) in enumerate(chunks):
+                    states, sums = chunk_fn(length)(states, keys, perms, data_dev, gen_dev, epoch, start)
+                    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+                    if (i + 1) % sync_every == 0 and i + 1 < len(chunks):
+                        jax.block_until_ready(sums)
+                        bar.update(start + length - done)
+                        done = start + length
+                bar.update(spe - done)
+                jax.block_until_ready(totals)
+                t_train = time.perf_counter() - t0
+                ev = evaluate(states)
+                tr, ev = jax.device_get((jax.tree.map(lambda x: x[0], totals), jax.tree.map(lambda x: x[0], ev)))
+                record = {
+                    "epoch": epoch + 1,
+                    "lr": float(schedule(epoch * spe)),
+                    "seeds": list(group),
+                    "train_loss": (tr["nll_sum"] / tr["count"]).tolist(),
+                    "train_acc": (tr["correct"] / tr["count"]).tolist(),
+                    "train_acc_real": (tr["correct_real"] / np.maximum(tr["count_real"], 1)).tolist()
+                    if plan.n_real else None,
+                    "train_acc_gen": (tr["correct_gen"] / np.maximum(tr["count_gen"], 1)).tolist()
+                    if plan.n_gen else None,
+                    "irm_penalty": (tr["penalty_sum"] / tr["steps"]).tolist() if setup.irm_correlations else None,
+                    "test_loss": (ev["nll_sum"] / ev["count"]).tolist(),
+                    "test_acc": (ev["correct"] / ev["count"]).tolist(),
+                    "train_seconds": t_train,
+                    "seconds": time.perf_counter() - t0,
+                    "images_per_s": spe * images_per_step / t_train,
+                }
+                history.append(record)
+                bar.set_postfix(test_acc=f"{np.mean(record['test_acc']):.3f}",
+                                train_acc=f"{np.mean(record['train_acc']):.3f}")
+                if on_epoch is not None:
+                    on_epoch(record)
+            final = jax.device_get(jax.tree.map(lambda x: x[0], states))
+            variables += [jax.tree.map(lambda x, i=i: np.asarray(x[i]), {"params": final.params,
+                                                                          "batch_stats": final.batch_stats})
+                          for i in range(len(group))]
+            per_group.append(history)
     finally:
         bar.close()
     total = time.perf_counter() - t_start
-    final = jax.device_get(jax.tree.map(lambda x: x[0], states))
-    variables = [jax.tree.map(lambda x, i=i: np.asarray(x[i]), {"params": final.params,
-                                                                 "batch_stats": final.batch_stats})
-                 for i in range(len(seeds))]
-    steady = [r["images_per_s"] for r in history[1:]] or [history[-1]["images_per_s"]]
+    history = [_merge_records([h[e] for h in per_group]) for e in range(setup.epochs)]
+    # steady-state throughput: leave out each group's first epoch (the very first one compiles)
+    steady = [r["images_per_s"] for h in per_group for r in h[1:]] or [per_group[0][-1]["images_per_s"]]
     return {"history": history, "variables": variables, "steps_per_epoch": spe, "seeds": seeds,
-            "timing": {"total_seconds": total, "first_epoch_seconds": history[0]["seconds"],
-                       "images_per_s": float(np.median(steady)), "images_per_step": images_per_step,
-                       "devices": n_dev, "platform": devices[0].platform}}
+            "timing": {"total_seconds": total, "first_epoch_seconds": per_group[0][0]["seconds"],
+                       "images_per_s": float(np.median(steady)),
+                       "images_per_step": plan.size * n_dev * len(groups[0]), "devices": n_dev,
+                       "platform": platform, "loop": loop, "vmap_seeds": bool(vmap_seeds)}}
+
+
+def _merge_records(records: list[dict]) -> dict:
+    """One epoch's records of several seed groups -> one record (per-seed lists joined, times summed)."""
+    out = dict(records[0])
+    for key, value in records[0].items():
+        if isinstance(value, list):
+            out[key] = [x for r in records for x in r[key]]
+    for key in ("train_seconds", "seconds"):
+        out[key] = sum(r[key] for r in records)
+    images = sum(r["images_per_s"] * r["train_seconds"] for r in records)
+    out["images_per_s"] = images / out["train_seconds"]
+    return out
 
 
 # ---------------------------------------------------------------- host-side data assembly

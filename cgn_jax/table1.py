@@ -1,0 +1,368 @@
+"""`cgn-jax table1`: rerun the paper's Table 1 (MNIST classifiers) and write it as Markdown.
+
+Rows are training methods (Original, IRM with 2 and 5 environments, Original+GAN,
+Original+CGN), columns the three MNIST variants; each cell is the mean ± std over seeds
+of the final train and test accuracy, next to the paper's test accuracy.
+
+Why it is built this way:
+- All seeds of a row train together (vmapped) and an epoch is one on-device call, so a
+  row costs about `epochs` calls plus one compilation (see cgn_jax/train/classifier.py).
+- Results are written to a JSON file after every row and rows already there are skipped,
+  so a run that is cut off (a time-limited accelerator session) resumes where it stopped.
+- The accelerator machine may lack the TFDS stack. `--export-data DIR` (run where
+  `cgn-jax` is fully installed) writes one self-contained `VARIANT.npz` per variant: the
+  real digits with the cue labels of every environment, the test split, the render
+  assets and the official generator's weights. `--data DIR` trains from those files with
+  nothing but JAX, Flax, optax and numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cgn_jax import irm
+from cgn_jax.data import palettes
+
+VARIANT_ORDER = ("colored", "double_colored", "wildlife")
+VARIANT_TITLES = {"colored": "colored MNIST", "double_colored": "double-colored MNIST", "wildlife": "Wildlife MNIST"}
+METHOD_ORDER = ("original", "irm2", "irm5", "original+gan", "original+cgn")
+METHOD_TITLES = {"original": "Original", "irm2": "IRM (2 envs)", "irm5": "IRM (5 envs)",
+                 "original+gan": "Original + GAN", "original+cgn": "Original + CGN", "cgn_only": "CGN only"}
+# method -> (data mode, IRM environment correlations); mirrors configs/classifier.py (no ml_collections here)
+METHODS = {
+    "original": ("original", ()),
+    "irm2": ("original", irm.ENVIRONMENTS[2]),
+    "irm5": ("original", irm.ENVIRONMENTS[5]),
+    "original+gan": ("original+gan", ()),
+    "original+cgn": ("original+cgn", ()),
+    "cgn_only": ("cgn_only", ()),
+}
+# Paper, Table 1, test accuracy (%): colored, double-colored, Wildlife MNIST (None: not reported)
+PAPER_TEST_ACC = {
+    "original": (35.9, 10.3, 10.1),
+    "irm2": (59.8, 67.7, 11.3),
+    "irm5": (None, 78.9, 76.8),
+    "original+gan": (40.7, 10.8, 10.4),
+    "original+cgn": (95.1, 89.0, 85.7),
+}
+BUNDLE_VERSION = 1
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--variants", nargs="+", default=list(VARIANT_ORDER), help="MNIST variants (columns)")
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_ORDER),
+                        help=f"rows: {', '.join(METHODS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed, trained together")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--out", default="docs/table1.md", help="Markdown table (rewritten from all results)")
+    parser.add_argument("--results", default="", help="raw results JSON (default: --out with .json); resumed")
+    parser.add_argument("--fresh", action="store_true", help="rerun rows already in --results")
+    parser.add_argument("--data", default="", help="directory of VARIANT.npz bundles from --export-data "
+                                                   "(default: build the data here with TFDS)")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                        help="combine results JSONs (e.g. one per accelerator call) into --out/--results; no training")
+    parser.add_argument("--export-data", default="", metavar="DIR",
+                        help="write the self-contained VARIANT.npz bundles for --data and exit")
+    parser.add_argument("--mnist-dir", default="", help="MNIST IDX files (default shared/data/mnist)")
+    parser.add_argument("--textures-dir", default="", help="Wildlife textures (default shared/data/textures)")
+    parser.add_argument("--tfds-dir", default="", help="where TFDS builds go (default ~/.cache/cgn_jax/tfds)")
+    parser.add_argument("--weights-dir", default="", help="official CGN .pth files (default shared/weights/cgn_mnist)")
+    parser.add_argument("--limit", type=int, default=0, help="first N training examples (quick runs)")
+    parser.add_argument("--test-limit", type=int, default=0, help="first N test examples (quick runs)")
+    parser.add_argument("--steps-per-epoch", type=int, default=0, help="override the epoch length (quick runs)")
+    parser.add_argument("--real-fraction", type=float, default=0.5, help="real share of original+X batches")
+    parser.add_argument("--irm-penalty", type=float, default=irm.DEFAULT_PENALTY_WEIGHT)
+    parser.add_argument("--irm-anneal-steps", type=int, default=irm.DEFAULT_ANNEAL_STEPS)
+    parser.add_argument("--pool", default="official", choices=("official", "global"))
+    parser.add_argument("--vmap-seeds", default="auto", choices=("auto", "yes", "no"),
+                        help="train a row's seeds in one vmapped computation (auto: on accelerators, not on CPU)")
+    parser.add_argument("--jax-cache", default="", metavar="DIR",
+                        help="persistent compilation cache (a resumed or repeated run skips recompiling)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+# ---------------------------------------------------------------- data bundles
+def env_specs_for(methods) -> list[tuple[float, int]]:
+    """Every (correlation, dataset seed) train split the methods need (the plain split is (1.0, 0))."""
+    specs = [(1.0, 0)]
+    for m in methods:
+        for spec in irm.environment_specs(METHODS[m][1]) if METHODS[m][1] else []:
+            if spec not in specs:
+                specs.append(spec)
+    return specs
+
+
+def collect_variant(variant: str, methods, *, mnist_dir=None, textures_dir=None, tfds_dir=None, weights_dir=None,
+                    limit=None, test_limit=None) -> dict[str, np.ndarray]:
+    """Everything the methods need for `variant`, as flat numpy arrays (needs the TFDS stack)."""
+    from cgn_jax.data import load_variant, make_assets
+    from cgn_jax.paths import resolve_dir
+
+    mnist_dir = resolve_dir(mnist_dir or "", "data", "mnist", what="MNIST")
+    if variant == palettes.WILDLIFE:
+        textures_dir = resolve_dir(textures_dir or "", "data", "textures", what="textures")
+    common = dict(mnist_dir=mnist_dir, textures_dir=textures_dir, data_dir=tfds_dir or None)
+    specs = env_specs_for(methods)
+    splits = [load_variant(variant, "train", correlation=c, seed=s, limit=limit, **common) for c, s in specs]
+    for sp in splits[1:]:
+        if not np.array_equal(sp["digit"], splits[0]["digit"]):
+            raise ValueError(f"{variant}: the train splits differ in their digits")
+    test = load_variant(variant, "test", limit=test_limit, **common)
+    out = {"version": np.int64(BUNDLE_VERSION), "variant": np.str_(variant),
+           "digit": splits[0]["digit"], "label": splits[0]["label"].astype(np.int32),
+           "env_corr": np.array([c for c, _ in specs], np.float64), "env_seed": np.array([s for _, s in specs]),
+           "fg_label": np.stack([sp["fg_label"] for sp in splits]).astype(np.int8),
+           "bg_label": np.stack([sp["bg_label"] for sp in splits]).astype(np.int8),
+           "test_image": test["image"], "test_label": test["label"].astype(np.int32)}
+    for k, v in make_assets(variant, textures_dir).items():
+        out[f"asset__{k}"] = np.asarray(v, np.float32)
+    if any(METHODS[m][0] != "original" for m in methods):
+        from cgn_jax.port.mnist import load_torch_mnist_cgn
+
+        wdir = resolve_dir(weights_dir or "", "weights", "cgn_mnist", what="CGN weights")
+        variables = load_torch_mnist_cgn(Path(wdir) / f"{variant}_MNIST.pth")
+        out.update(_flatten("gen", variables))
+    return out
+
+
+def _flatten(prefix: str, tree, out=None) -> dict:
+    out = {} if out is None else out
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            _flatten(f"{prefix}__{k}", v, out)
+        else:
+            out[f"{prefix}__{k}"] = np.asarray(v)
+    return out
+
+
+def _unflatten(prefix: str, flat: dict) -> dict:
+    tree: dict = {}
+    for key, v in flat.items():
+        if not key.startswith(prefix + "__"):
+            continue
+        *parents, leaf = key[len(prefix) + 2:].split("__")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def export_bundles(out_dir, variants, methods, **kw) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for v in variants:
+        t0 = time.perf_counter()
+        arrays = collect_variant(v, methods, **kw)
+        path = out_dir / f"{v}.npz"
+        np.savez_compressed(path, **arrays)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.0f}s)",
+              file=sys.stderr)
+        paths.append(path)
+    return paths
+
+
+def load_bundle(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if int(arrays.get("version", -1)) != BUNDLE_VERSION:
+        raise ValueError(f"{path}: not a table1 data bundle of version {BUNDLE_VERSION}; re-export it")
+    return arrays
+
+
+def method_inputs(bundle: dict, method: str):
+    """(data dict, render assets, generator or None) for one method from a bundle."""
+    from cgn_jax.models.mnist_cgn import MnistCGN
+    from cgn_jax.train.classifier import Generator
+
+    mode, correlations = METHODS[method]
+    specs = irm.environment_specs(correlations) if correlations else [(1.0, 0)]
+    have = [(float(c), int(s)) for c, s in zip(bundle["env_corr"], bundle["env_seed"])]
+    missing = [sp for sp in specs if sp not in have]
+    if missing:
+        raise ValueError(f"the data bundle has no train split for (correlation, seed) {missing}; "
+                         f"re-export it with --methods including {method}")
+    rows = [have.index(sp) for sp in specs]
+    data = {"digit": bundle["digit"], "label": bundle["label"],
+            "fg_label": bundle["fg_label"][rows].astype(np.int32), "bg_label": bundle["bg_label"][rows].astype(np.int32),
+            "test_image": bundle["test_image"], "test_label": bundle["test_label"]}
+    assets = {k[len("asset__"):]: v for k, v in bundle.items() if k.startswith("asset__")}
+    generator = None
+    if mode != "original":
+        variables = _unflatten("gen", bundle)
+        if not variables:
+            raise ValueError(f"the data bundle has no generator weights; re-export it with --methods including {method}")
+        generator = Generator(MnistCGN(), variables)
+    return data, assets, generator
+
+
+# ---------------------------------------------------------------- results
+def _stats(values) -> tuple[float, float]:
+    a = np.asarray(values, np.float64) * 100.0
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def _fmt(values) -> str:
+    if not values:
+        return "–"
+    mean, std = _stats(values)
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def render_markdown(results: dict) -> str:
+    runs = results.get("runs", {})
+    variants = [v for v in VARIANT_ORDER if any(r["variant"] == v for r in runs.values())]
+    methods = [m for m in (*METHOD_ORDER, "cgn_only") if any(r["method"] == m for r in runs.values())]
+    head = "| Method | " + " | ".join(f"{VARIANT_TITLES[v]}: train | test | paper test" for v in variants) + " |"
+    sep = "|---|" + "---:|---:|---:|" * len(variants)
+    lines = [head, sep]
+    for m in methods:
+        cells = [METHOD_TITLES.get(m, m)]
+        for v in variants:
+            r = runs.get(f"{v}/{m}")
+            paper = PAPER_TEST_ACC.get(m, (None,) * 3)[VARIANT_ORDER.index(v)]
+            cells += [_fmt(r["train_acc"]) if r else "", _fmt(r["test_acc"]) if r else "",
+                      "–" if paper is None else f"{paper:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    meta = results.get("meta", {})
+    seeds = sorted({s for r in runs.values() for s in r["seeds"]})
+    epochs = sorted({r["epochs"] for r in runs.values()})
+    total = sum(r["timing"]["total_seconds"] for r in runs.values())
+    notes = [
+        "",
+        f"Accuracy in %, mean ± sample std over seeds {seeds}, after {'/'.join(map(str, epochs))} epoch{'s' if epochs != [1] else ''} "
+        "(train: running accuracy over the last epoch's training batches, as the official script prints it; "
+        "test: the seeded randomised test split). Paper: Sauer & Geiger (ICLR 2021), Table 1, test accuracy.",
+        f"Ran on {', '.join(sorted({r.get('device', meta.get('device', '?')) for r in runs.values()}))} in "
+        f"{total / 60:.1f} min of training (compilation included).",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def run(args) -> int:
+    from cgn_jax.cli import CLIError
+
+    if getattr(args, "config_overrides", None):
+        raise CLIError("table1 takes no --config.* overrides; use its own options (see --help)")
+    try:
+        variants = [palettes.canonical_variant(v) for v in args.variants]
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        raise CLIError(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(METHODS)}")
+    dirs = dict(mnist_dir=args.mnist_dir or None, textures_dir=args.textures_dir or None,
+                tfds_dir=args.tfds_dir or None, weights_dir=args.weights_dir or None)
+    limits = dict(limit=args.limit or None, test_limit=args.test_limit or None)
+    if args.export_data:
+        try:
+            export_bundles(args.export_data, variants, args.methods, **dirs, **limits)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(str(e)) from e
+        return 0
+
+    out = Path(args.out)
+    results_path = Path(args.results) if args.results else out.with_suffix(".json")
+    if args.merge:
+        merged = {"runs": {}}
+        for path in args.merge:
+            try:
+                part = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as e:
+                raise CLIError(f"cannot read results {path}: {e}") from e
+            merged["runs"].update(part.get("runs", {}))
+            merged["meta"] = part.get("meta", merged.get("meta", {}))
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(merged, indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render_markdown(merged))
+        print(f"merged {len(merged['runs'])} rows into {out} and {results_path}", file=sys.stderr)
+        return 0
+
+    import jax
+
+    from cgn_jax.train.classifier import ClassifierSetup, SetupError, train_classifier
+
+    if args.jax_cache:
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.jax_cache).absolute()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+    results = {"runs": {}}
+    if results_path.is_file() and not args.fresh:
+        results = json.loads(results_path.read_text())
+        results.setdefault("runs", {})
+    device = jax.devices()[0]
+    results["meta"] = {"device": f"{jax.device_count()} x {getattr(device, 'device_kind', device.platform)}",
+                       "jax": jax.__version__, "python": platform.python_version()}
+
+    def save():
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(_jsonable(results), indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render_markdown(results))
+
+    for variant in variants:
+        todo = [m for m in args.methods
+                if not ((r := results["runs"].get(f"{variant}/{m}")) and r["seeds"] == list(args.seeds)
+                        and r["epochs"] == args.epochs and r.get("limit") == args.limit)]
+        if not todo:
+            print(f"table1: {variant}: all rows already in {results_path}", file=sys.stderr)
+            continue
+        try:
+            if args.data:
+                bundle = load_bundle(Path(args.data) / f"{variant}.npz")
+            else:
+                bundle = collect_variant(variant, todo, **dirs, **limits)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(str(e)) from e
+        for method in todo:
+            mode, correlations = METHODS[method]
+            try:
+                data, assets, generator = method_inputs(bundle, method)
+                setup = ClassifierSetup(variant, mode=mode, irm_correlations=correlations,
+                                        irm_penalty_weight=args.irm_penalty, irm_anneal_steps=args.irm_anneal_steps,
+                                        real_fraction=args.real_fraction, epochs=args.epochs, pool=args.pool,
+                                        steps_per_epoch=args.steps_per_epoch)
+                res = train_classifier(setup, data, assets, generator, seeds=args.seeds,
+                                       vmap_seeds={"auto": None, "yes": True, "no": False}[args.vmap_seeds],
+                                       progress=not args.no_progress)
+            except (SetupError, ValueError) as e:
+                raise CLIError(f"{variant}/{method}: {e}") from e
+            last = res["history"][-1]
+            results["runs"][f"{variant}/{method}"] = {
+                "variant": variant, "method": method, "mode": mode, "irm_correlations": list(correlations),
+                "seeds": list(args.seeds), "epochs": args.epochs, "limit": args.limit,
+                "device": results["meta"]["device"], "steps_per_epoch": res["steps_per_epoch"],
+                "train_acc": last["train_acc"],
+                "test_acc": last["test_acc"], "history": res["history"], "timing": res["timing"],
+                "setup": {k: getattr(setup, k) for k in setup.__dataclass_fields__},
+            }
+            print(f"table1: {variant}/{method}: test acc {_fmt(last['test_acc'])}, train acc "
+                  f"{_fmt(last['train_acc'])} ({res['timing']['total_seconds']:.0f}s)", file=sys.stderr)
+            save()
+    save()
+    print(f"wrote {out} and {results_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from cgn_jax.cli import main
+
+    sys.exit(main(["table1", *sys.argv[1:]]))

@@ -1,0 +1,276 @@
+"""Tests of the Table 1 classifier: model, optimiser schedule, IRM, data, on-the-fly batches, CLI.
+
+They use the real MNIST files and the official colored-MNIST generator from ../shared (via
+the conftest fixtures) with small `limit=` TFDS builds in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from cgn_jax import irm  # noqa: E402
+from cgn_jax.models.classifier import CNN, init_variables  # noqa: E402
+from cgn_jax.train import classifier as C  # noqa: E402
+
+N_SMALL = 3000  # examples in the small builds (train and test)
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def colored_envs(mnist_dir, tfds_dir):
+    return irm.build_environments("colored", irm.ENVIRONMENTS[5], mnist_dir=mnist_dir, data_dir=tfds_dir,
+                                  limit=N_SMALL)
+
+
+@pytest.fixture(scope="module")
+def colored_generator(cgn_weights):
+    from cgn_jax.port.mnist import load_torch_mnist_cgn
+    from cgn_jax.models.mnist_cgn import MnistCGN
+
+    return C.Generator(MnistCGN(), load_torch_mnist_cgn(cgn_weights / "colored_MNIST.pth"))
+
+
+# ---------------------------------------------------------------- model
+def test_cnn_is_the_official_architecture():
+    model = CNN()
+    variables = jax.jit(lambda k: init_variables(model, k))(jax.random.PRNGKey(0))
+    shapes = jax.tree.map(jnp.shape, variables["params"])
+    assert shapes["conv1"] == {"kernel": (5, 5, 3, 32), "bias": (32,)}
+    assert shapes["conv3"] == {"kernel": (3, 3, 32, 64), "bias": (64,)}
+    assert shapes["fc"] == {"kernel": (64, 10), "bias": (10,)}
+    # parameter count of the official torch CNN (BatchNorm2d(3) + 4 convs + Linear(64, 10))
+    assert sum(x.size for x in jax.tree.leaves(variables["params"])) == 67760
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    out = jax.jit(model.apply)(variables, x)
+    assert out.shape == (4, 10)
+    np.testing.assert_allclose(jnp.exp(out).sum(-1), 1.0, rtol=1e-5)
+    # torch default init: |w| <= 1/sqrt(fan_in)
+    assert float(jnp.abs(variables["params"]["conv1"]["kernel"]).max()) <= 1 / np.sqrt(75) + 1e-6
+    # the official head averages the top-left 7x7 of the 8x8 map, so the last row/column do not count
+    g = jax.jit(CNN(pool="global").apply)(variables, x)
+    assert not np.allclose(out, g)
+    with pytest.raises(ValueError, match="unknown classifier pool"):
+        jax.eval_shape(CNN(pool="max").apply, variables, x)
+
+
+# ---------------------------------------------------------------- optimiser
+def test_steplr_schedule_and_adadelta_match_torch():
+    setup = C.ClassifierSetup("colored", mode="original")
+    sched = C.make_schedule(setup, 100)
+    for step, lr in [(0, 1.0), (99, 1.0), (100, 0.7), (250, 0.49), (999, 0.7 ** 9)]:
+        assert float(sched(step)) == pytest.approx(lr, rel=1e-6)
+    # torch.optim.Adadelta (rho 0.9, eps 1e-6) with StepLR(gamma 0.7), by hand, 2 steps per epoch
+    tx = C.make_optimizer(setup, 2)
+    p = jnp.array([1.5])
+    state = tx.init(p)
+    sq, acc, ref = 0.0, 0.0, 1.5
+    for t in range(5):
+        g = 2 * ref  # d/dp p^2
+        sq = 0.9 * sq + 0.1 * g * g
+        delta = np.sqrt(acc + 1e-6) / np.sqrt(sq + 1e-6) * g
+        acc = 0.9 * acc + 0.1 * delta * delta
+        ref = ref - 0.7 ** (t // 2) * delta
+        upd, state = tx.update(2 * p, state, p)
+        p = p + upd
+        assert float(p[0]) == pytest.approx(ref, rel=1e-5)
+
+
+# ---------------------------------------------------------------- IRM
+def test_irm_penalty_zero_when_scale_is_optimal():
+    # labels drawn exactly in proportion to the predicted probabilities: rescaling cannot help
+    counts = np.array([5, 1, 2, 3, 1, 4, 1, 1, 1, 1])
+    logits = jnp.log(jnp.asarray(counts, jnp.float32) / counts.sum())
+    labels = jnp.asarray(np.repeat(np.arange(10), counts))
+    scores = jnp.tile(logits, (labels.shape[0], 1))
+    penalty = jax.jit(irm.irm_penalty)
+    assert float(penalty(scores, labels)) < 1e-10
+    # over- and under-confident versions of the same predictor are penalised
+    for scale in (0.5, 2.0):
+        assert float(penalty(scale * scores, labels)) > 1e-3
+    # logits and log-probabilities give the same penalty
+    z = jax.random.normal(jax.random.PRNGKey(0), (32, 10)) * 3
+    y = jax.random.randint(jax.random.PRNGKey(1), (32,), 0, 10)
+    assert float(irm.irm_penalty(z, y)) == pytest.approx(float(irm.irm_penalty(jax.nn.log_softmax(z), y)), rel=1e-5)
+    # annealing: weight 1 before `anneal_steps`, the full weight after; the loss is rescaled then
+    assert float(irm.penalty_weight(jnp.int32(9), 1e4, 10)) == 1.0
+    assert float(irm.penalty_weight(jnp.int32(10), 1e4, 10)) == 1e4
+    lp = jnp.stack([jax.nn.log_softmax(z), jax.nn.log_softmax(2 * z)])
+    ys = jnp.stack([y, y])
+    objective = jax.jit(irm.irm_objective)
+    loss1, (risk, pen) = objective(lp, ys, jnp.float32(1.0))
+    loss2, _ = objective(lp, ys, jnp.float32(1e4))
+    assert float(loss1) == pytest.approx(float(risk + pen), rel=1e-5)
+    assert float(loss2) == pytest.approx(float((risk + 1e4 * pen) / 1e4), rel=1e-5)
+
+
+def test_environments_hit_their_correlation(colored_envs):
+    specs = irm.environment_specs(irm.ENVIRONMENTS[5])
+    assert specs == [(0.9, 0), (0.925, 1), (0.95, 2), (0.975, 3), (1.0, 0)]
+    env = colored_envs
+    assert env["fg_label"].shape == (5, N_SMALL) and env["digit"].shape == (N_SMALL, 32, 32, 1)
+    for e, target in enumerate(irm.ENVIRONMENTS[5]):
+        got = irm.measured_correlation(env["label"], env["fg_label"][e])
+        assert abs(got - target) <= 0.02, (target, got)
+    # environments differ in the cue labels, not in the digits
+    assert not np.array_equal(env["fg_label"][0], env["fg_label"][1])
+
+
+# ---------------------------------------------------------------- batches
+def _toy_data(n=256, m=64, seed=0):
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 10, n).astype(np.int32)
+    return {"digit": rng.integers(0, 256, (n, 32, 32, 1)).astype(np.uint8), "label": label,
+            "fg_label": label[None], "bg_label": label[None],
+            "test_image": rng.integers(0, 256, (m, 32, 32, 3)).astype(np.uint8),
+            "test_label": rng.integers(0, 10, m).astype(np.int32)}
+
+
+def test_on_the_fly_counterfactual_batches(colored_generator):
+    from cgn_jax.data import make_assets
+    from cgn_jax.generate import sample_counterfactuals
+
+    model, variables = colored_generator
+    assets = make_assets("colored")
+    for num_cfs in (2,):  # several counterfactuals per shape: checks their order too
+        setup = C.ClassifierSetup("colored", mode="original+cgn", num_cfs=num_cfs, batch_size=16)
+        plan = C.batch_plan(setup, 1)
+        assert plan == C.BatchPlan(8, 8, 1)
+        host, _ = C.prepare_data(_toy_data(), setup, 1, assets)
+        data = jax.tree.map(jnp.asarray, host)
+        perms = C._epoch_permutations(jax.random.PRNGKey(3), setup, host["digit"].shape[0], 0)
+        make = jax.jit(lambda key, step: C.training_batch(key, step, perms, data, variables, setup=setup,
+                                                          plan=plan, gen_model=model))
+        key = jax.random.PRNGKey(7)
+        b0, b1 = make(key, 0), make(jax.random.PRNGKey(8), 1)
+        assert b0["image"].shape == (16, 32, 32, 3) and b0["label"].dtype == jnp.int32
+        # real part: the labels of the digits this step's slice of the permutation picked
+        np.testing.assert_array_equal(b0["label"][:8], host["label"][np.asarray(perms["real"][0][:8])])
+        np.testing.assert_array_equal(b1["label"][:8], host["label"][np.asarray(perms["real"][0][8:16])])
+        # generated part: exactly the generator's counterfactuals for the step's key, labelled by shape
+        ref = sample_counterfactuals(model, variables, jax.random.split(key)[1], 8 // num_cfs, num_cfs, as_uint8=False)
+        np.testing.assert_array_equal(b0["label"][8:], ref["shape_label"])
+        np.testing.assert_allclose(b0["image"][8:], ref["image"], atol=1e-5)
+        assert not np.array_equal(ref["texture_label"], ref["shape_label"])  # they are counterfactuals
+        # fresh counterfactuals every step
+        assert float(jnp.abs(b0["image"][8:] - b1["image"][8:]).mean()) > 0.05
+        assert float(jnp.abs(b0["image"]).max()) <= 1.0 + 1e-5
+    # GAN mode: one label for all mechanisms
+    gan = jax.jit(lambda k: C.sample_generated(model, variables, k, 6, 1, counterfactual=False))(jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(gan["texture_label"], gan["shape_label"])
+    assert gan["image"].shape == (6, 32, 32, 3)
+
+
+# ---------------------------------------------------------------- training
+def test_classifier_learns_a_small_split(colored_envs):
+    """1024 colored examples, 2 epochs; tested on 500 held-out examples of the train distribution."""
+    from cgn_jax.data import make_assets
+
+    env = colored_envs
+    e = list(irm.ENVIRONMENTS[5]).index(1.0)
+    tr, te = slice(0, 1024), slice(2000, 2500)
+    # the held-out examples rendered like training ones (mean colour of their class)
+    from cgn_jax.data.builders import render_numpy
+
+    test_image = render_numpy("colored", env["digit"][te], env["fg_label"][e, te], env["bg_label"][e, te])
+    data = {"digit": env["digit"][tr], "label": env["label"][tr], "fg_label": env["fg_label"][e:e + 1, tr],
+            "bg_label": env["bg_label"][e:e + 1, tr], "test_image": test_image, "test_label": env["label"][te]}
+    setup = C.ClassifierSetup("colored", mode="original", epochs=2)
+    records = []
+    res = C.train_classifier(setup, data, make_assets("colored"), seeds=(0,), progress=False, on_epoch=records.append)
+    assert res["steps_per_epoch"] == 1024 // 64
+    assert [r["lr"] for r in records] == pytest.approx([1.0, 0.7])
+    assert records[-1]["train_loss"][0] < records[0]["train_loss"][0] + 1e-6
+    assert res["history"][-1]["test_acc"][0] > 0.3, res["history"]  # chance: 0.1
+    assert res["history"][-1]["train_acc"][0] > 0.2
+
+
+# ---------------------------------------------------------------- config and CLI
+def test_config_arg_and_errors(capsys):
+    from cgn_jax import cli
+    from cgn_jax.classifier_cli import setup_from_config
+    from cgn_jax.config_loading import load_config
+
+    cfg = load_config("configs/classifier.py:double_colored:irm5")
+    assert (cfg.variant, cfg.data.mode, cfg.irm.correlations) == ("double_colored", "original", irm.ENVIRONMENTS[5])
+    setup = setup_from_config(load_config("configs/classifier.py:wildlife_MNIST,original+cgn"))
+    assert (setup.variant, setup.mode, setup.cf_source) == ("wildlife", "original+cgn", "on_the_fly")
+    assert load_config("configs/classifier.py:colored").data.mode == "original+cgn"
+    with pytest.raises(ValueError, match="unknown MNIST variant"):
+        load_config("configs/classifier.py:purple")
+    with pytest.raises(ValueError, match="unknown classifier method"):
+        load_config("configs/classifier.py:colored,original+vae")
+    assert cli.main(["train-classifier", "--config=configs/classifier.py:colored,nope"]) == 2
+    assert "unknown classifier method 'nope'" in capsys.readouterr().err
+    assert cli.main(["train-classifier", "--config=configs/classifier.py:colored",
+                     "--config.data.mode=cgn_plus"]) == 2
+    assert "unknown data mode 'cgn_plus'" in capsys.readouterr().err
+    assert cli.main(["table1", "--methods", "original", "magic"]) == 2
+    assert "unknown method(s) magic" in capsys.readouterr().err
+    with pytest.raises(C.SetupError, match="IRM trains on real environments only"):
+        C.ClassifierSetup("colored", mode="original+cgn", irm_correlations=(0.9, 1.0))
+    with pytest.raises(C.SetupError, match="not a multiple of num_cfs"):
+        C.batch_plan(C.ClassifierSetup("colored", mode="original+cgn", num_cfs=10), 1)
+    with pytest.raises(C.SetupError, match="does not split"):
+        C.batch_plan(C.ClassifierSetup("colored", batch_size=63), 2)
+
+
+def test_table1_bundle_roundtrip_and_markdown(tmp_path):
+    from cgn_jax import table1
+
+    tree = {"params": {"f_shape": {"conv1": {"kernel": np.ones((3, 3, 2, 2))}}, "label_emb": {"embedding": np.eye(2)}}}
+    flat = table1._flatten("gen", tree)
+    back = table1._unflatten("gen", flat)
+    np.testing.assert_array_equal(back["params"]["f_shape"]["conv1"]["kernel"], tree["params"]["f_shape"]["conv1"]["kernel"])
+    assert table1.env_specs_for(["original", "irm2", "irm5"]) == [(1.0, 0), (0.9, 0), (0.925, 1), (0.95, 2), (0.975, 3)]
+    results = {"meta": {"device": "1 x cpu"}, "runs": {
+        "colored/original": {"variant": "colored", "method": "original", "seeds": [0, 1], "epochs": 10,
+                             "train_acc": [0.99, 0.98], "test_acc": [0.30, 0.40], "timing": {"total_seconds": 60}}}}
+    md = table1.render_markdown(results)
+    assert "| Original | 98.5 ± 0.7 | 35.0 ± 7.1 | 35.9 |" in md
+
+
+@pytest.mark.slow
+def test_cli_trains_with_on_the_fly_counterfactuals(tmp_path, mnist_dir, tfds_dir):
+    from cgn_jax import cli
+
+    workdir = tmp_path / "run"
+    rc = cli.main(["train-classifier", "--config=configs/classifier.py:colored,original+cgn", f"--workdir={workdir}",
+                   "--no-progress", f"--config.dataset.mnist_dir={mnist_dir}", f"--config.dataset.data_dir={tfds_dir}",
+                   f"--config.dataset.limit={N_SMALL}", f"--config.dataset.test_limit={N_SMALL}",
+                   "--config.train.epochs=2", "--config.train.steps_per_epoch=5"])
+    assert rc == 0
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert lines[0]["train_acc_gen"] is not None and lines[0]["test_acc"] >= 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["mode"] == "original+cgn" and (workdir / "classifier" / "meta.json").is_file()
+
+
+@pytest.mark.slow
+def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir):
+    from cgn_jax import cli
+
+    out = tmp_path / "t1.md"
+    bundles = tmp_path / "bundles"
+    assert cli.main(["table1", "--export-data", str(bundles), "--variants", "colored", "--methods", "original", "irm2",
+                     "--mnist-dir", str(mnist_dir), "--tfds-dir", str(tfds_dir), "--limit", str(N_SMALL),
+                     "--test-limit", str(N_SMALL)]) == 0
+    assert cli.main(["table1", "--data", str(bundles), "--variants", "colored", "--methods", "original", "irm2",
+                     "--seeds", "0", "1", "--epochs", "1", "--steps-per-epoch", "4", "--out", str(out),
+                     "--no-progress"]) == 0
+    md = out.read_text()
+    assert "| Original |" in md and "| IRM (2 envs) |" in md
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["runs"]["colored/irm2"]["seeds"] == [0, 1]
