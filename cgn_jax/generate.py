@@ -16,11 +16,9 @@ import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from cgn_jax.compose import compose, texture_layer
 from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
-from cgn_jax.sheets import save_sheet, to_uint8
 
 
 def load_generator(checkpoint: str, config=None):
@@ -68,6 +66,8 @@ def sample_counterfactuals(model: MnistCGN, variables, key, n_shapes: int, num_c
 def write_sheet(model: MnistCGN, variables, path, key, n_cfs: int = 6):
     """Rows = shape classes; columns: mask, foreground, background, composite, then counterfactual
     composites whose texture label is class+j and background label class+2j (mod 10)."""
+    from cgn_jax.sheets import save_sheet, to_uint8
+
     n = model.n_classes
     y = jnp.arange(n)
     k_u, k_t = jax.random.split(key)
@@ -84,6 +84,8 @@ def write_sheet(model: MnistCGN, variables, path, key, n_cfs: int = 6):
 
 def generate_dataset(model, variables, key, num_images: int, num_cfs: int, batch_size: int, progress=True):
     """num_images counterfactuals in jitted batches of `batch_size` images (batch_size // num_cfs shapes)."""
+    from tqdm import tqdm
+
     n_shapes = max(1, batch_size // num_cfs)
     per_call = n_shapes * num_cfs
     calls = -(-num_images // per_call)

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import optax
 from cgn_jax import imagenet_data as D
 from cgn_jax import parallel
 from cgn_jax.models import resnet as R
+from cgn_jax.train.signals import StopOnSignal
 
 HEAD_INDEX = {h: i for i, h in enumerate(R.HEADS)}  # column of each head in labels / loss weights
 REAL_TARGETS = ("shape_head", "mean_logits")
@@ -347,7 +347,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     pbar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main), dynamic_ncols=True,
                 desc="classifier", unit="step")
     step = start
-    with _StopOnSignal() as stop:
+    with StopOnSignal() as stop:
         while step < num_steps and not stop.signum:
             rstate, metrics_sum = p_step(rstate, metrics_sum, next(batches))
             step += 1
@@ -445,30 +445,6 @@ def evaluate_during_training(config, model, rstate, devices, say) -> dict:
             out.update({f"in9/{k}_{head}": v for k, v in r.items()})
     say("eval: " + ", ".join(f"{k}={v:.2f}" if not math.isnan(v) else f"{k}=nan" for k, v in sorted(out.items())))
     return out
-
-
-class _StopOnSignal:
-    """The first SIGTERM / SIGINT ends the loop after the current step (with a checkpoint)."""
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        return False
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -45,11 +45,11 @@ import numpy as np
 import optax
 
 from cgn_jax import irm
-from cgn_jax.compose import compose, texture_layer
 from cgn_jax.data import palettes
 from cgn_jax.data.render import render_batch
 from cgn_jax.models.classifier import CNN, init_variables
-from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
+from cgn_jax.generate import sample_counterfactuals
+from cgn_jax.models.mnist_cgn import MnistCGN
 from cgn_jax.parallel import AXIS, replicate
 
 MODES = ("original", "original+gan", "original+cgn", "cgn_only")
@@ -199,29 +199,7 @@ def sample_generated(model: MnistCGN, variables, key: jax.Array, n_shapes: int, 
         y = jax.random.randint(k_y, (n,), 0, model.n_classes)
         out = model.apply(variables, y, u=model.sample_noise(k_u, n), rngs={"texture": k_t})
         return {"image": out["image"], "label": y, "shape_label": y, "texture_label": y, "background_label": y}
-    k_y, k_u, k_cf = jax.random.split(key, 3)
-    y = jax.random.randint(k_y, (n_shapes,), 0, model.n_classes)
-    u = model.sample_noise(k_u, n_shapes)
-    mask = jnp.clip(model.apply(variables, u, y, method=MnistCGN.shape).astype(jnp.float32), *MASK_CLAMP)
-
-    def one_counterfactual(k):
-        k_ut, k_ub, k_yt, k_yb, k_st, k_sb = jax.random.split(k, 6)
-        y_t = jax.random.randint(k_yt, (n_shapes,), 0, model.n_classes)
-        y_b = jax.random.randint(k_yb, (n_shapes,), 0, model.n_classes)
-        fg = model.apply(variables, model.sample_noise(k_ut, n_shapes), y_t, method=MnistCGN.texture)
-        bg = model.apply(variables, model.sample_noise(k_ub, n_shapes), y_b, method=MnistCGN.background)
-        if model.texture_mode != "none":
-            fg = texture_layer(k_st, fg.astype(jnp.float32), model.texture_mode, model.patch_size)
-            bg = texture_layer(k_sb, bg.astype(jnp.float32), model.texture_mode, model.patch_size)
-        return compose(mask, fg.astype(jnp.float32), bg.astype(jnp.float32)), y_t, y_b
-
-    images, y_t, y_b = jax.vmap(one_counterfactual)(jax.random.split(k_cf, num_cfs))
-    # counterfactual k of shape b lands at row k * n_shapes + b (as in generate.py)
-    images = einops.rearrange(images, "k b h w c -> (k b) h w c")
-    y_s = einops.repeat(y, "b -> (k b)", k=num_cfs)
-    return {"image": images, "label": y_s, "shape_label": y_s,
-            "texture_label": einops.rearrange(y_t, "k b -> (k b)"),
-            "background_label": einops.rearrange(y_b, "k b -> (k b)")}
+    return sample_counterfactuals(model, variables, key, n_shapes, num_cfs, as_uint8=False)
 
 
 # ---------------------------------------------------------------- data on the device

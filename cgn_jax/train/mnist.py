@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from cgn_jax.checkpoint import save_variables
 from cgn_jax.train import mnist_step as S
 from cgn_jax.train.checkpointing import TrainCheckpoints
 from cgn_jax.train.logging import MetricsLogger
+from cgn_jax.train.signals import StopOnSignal
 
 SAMPLES_PER_CLASS = 6
 # config fields that may change between a run and its resumption without a warning
@@ -86,7 +86,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     pbar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main), dynamic_ncols=True,
                 desc=config.variant, unit="step")
     step = start
-    with _StopOnSignal() as stop:
+    with StopOnSignal() as stop:
         while step < num_steps and not stop.signum:
             rstate, metrics_sum = train_step(rstate, metrics_sum, ctx)
             step, summed, timed = step + 1, summed + 1, timed + 1
@@ -267,30 +267,6 @@ class _Every:
 
     def checkpoint(self, step):
         return self._due(self._ckpt, step)
-
-
-class _StopOnSignal:
-    """Turns the first SIGTERM / SIGINT into `signum`; a second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        return False
 
 
 def _save_config(config, path: Path) -> None:
