@@ -1,5 +1,7 @@
 """`cgn-jax generate`: sample sheets and counterfactual datasets from an MNIST CGN.
 
+(ImageNet configs are handed to `cgn_jax.generate_imagenet`.)
+
 Counterfactuals are made the way the official `generate_data.py` makes them: one
 mask per (noise, shape label), then for each of K counterfactuals fresh noise and
 random labels for the texture and background mechanisms, composed with that mask.
@@ -107,6 +109,10 @@ def add_arguments(parser):
     parser.add_argument("--num-cfs", type=int, default=None, help="counterfactuals per shape (default config.generate.num_cfs)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per jitted call (default config.generate.batch_size)")
     parser.add_argument("--seed", type=int, default=0)
+    # options of ImageNet configs (configs/imagenet.py): interpolation sheets, GIFs, CSV datasets
+    from cgn_jax.generate_imagenet import add_arguments as add_imagenet_arguments
+
+    add_imagenet_arguments(parser)
 
 
 def run(args):
@@ -119,6 +125,13 @@ def run(args):
         config = load_config(args.config, args.config_overrides)
     except (ConfigError, ValueError) as e:
         raise CLIError(str(e)) from e
+    if config.get("family") == "imagenet":
+        from cgn_jax import generate_imagenet
+
+        try:
+            return generate_imagenet.run(args, config)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(str(e)) from e
     checkpoint = args.checkpoint or config.model.pretrained
     if not checkpoint:
         shared = shared_dir()

@@ -71,7 +71,8 @@ class RematBigGANDeep(BigGANDeep):
             if i == cfg.attention_layer_position:
                 h = SelfAttention(ch * cin, dtype=self.dtype, name=f"layers_{index}")(h)
                 index += 1
-            h = block(ch * cin, ch * cout, up, cfg.eps, cfg.n_stats, dtype=self.dtype, name=f"layers_{index}")(h, cond, ts)
+            h = block(ch * cin, ch * cout, up, cfg.eps, cfg.n_stats, dtype=self.dtype,
+                      name=f"layers_{index}")(h, cond, ts)
             index += 1
         h = _FinalBatchNorm(ch, cfg.eps, cfg.n_stats, self.dtype, name="bn")(h, ts)
         h = nn.Conv(3, (3, 3), padding=1, dtype=self.dtype, name="conv_to_rgb")(nn.relu(h))
@@ -179,18 +180,41 @@ def biggan_config_from(arch) -> BigGANConfig:
     return BigGANConfig.variant(d.pop("output_dim", 256), **d)
 
 
-def random_biggan(config: BigGANConfig, key: jax.Array):
-    """Randomly initialised BigGAN-deep variables (for tests and timing: no weight file needed)."""
-    module = BigGANDeep(config)
-    z = jnp.zeros((1, config.z_dim), jnp.float32)
-    y = jnp.zeros((1, config.num_classes), jnp.float32)
-    # jit: the forward pass inside `init` is dead code once only the variables are returned
-    return jax.jit(lambda k: module.init(k, z, y, 1.0))(key)
+def random_variables(shapes, seed: int):
+    """Random weights for a variable tree of `ShapeDtypeStruct`s, drawn on the host.
+
+    Flax's initialisers under `jit` compile for minutes on a CPU (a truncated-normal
+    program per tensor), and random weights only serve tests and timing, so this uses
+    numpy with Flax's default scales: kernels N(0, 1/fan_in) (LeCun), biases, offsets,
+    means and attention gains 0, norm scales and variances 1.
+    """
+    import numpy as np
+
+    from cgn_jax.checkpoint import flatten_with_names
+
+    rng = np.random.default_rng(seed)
+    ones = ("scale", "running_vars", "var")
+
+    def make(name, leaf):
+        last = name.rsplit("/", 1)[-1]
+        shape, dtype = tuple(leaf.shape), leaf.dtype
+        if last == "kernel":
+            fan_in = int(np.prod(shape[:-1]))
+            return (rng.standard_normal(shape, np.float32) / np.sqrt(fan_in)).astype(dtype)
+        return np.full(shape, 1.0 if last in ones else 0.0, dtype)
+
+    flat = flatten_with_names(shapes)
+    leaves = [make(name, leaf) for name, leaf in flat.items()]
+    return jax.tree.unflatten(jax.tree.structure(shapes), leaves)
 
 
-def random_u2net(variant: str, key: jax.Array):
-    module = U2Net(variant=variant)
-    return jax.jit(lambda k: module.init(k, jnp.zeros((1, 64, 64, 3), jnp.float32)))(key)
+def random_biggan(config: BigGANConfig, seed: int):
+    """Random BigGAN-deep variables (tests and timing: no weight file needed)."""
+    return random_variables(BigGANDeep(config).init_shapes(), seed)
+
+
+def random_u2net(variant: str, seed: int):
+    return random_variables(U2Net(variant=variant).init_shapes(), seed)
 
 
 def load_networks(model_config, seed: int = 0):
@@ -200,12 +224,9 @@ def load_networks(model_config, seed: int = 0):
     init from `seed`, the BigGAN architecture from `model_config.arch`). `sources` names
     where the weights came from (what checkpoints record instead of the weights).
     """
-    import numpy as np
-
-    key_b, key_u = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 0xC6))
     if model_config.biggan == RANDOM:
         cfg = biggan_config_from(model_config.arch)
-        biggan = jax.tree.map(np.asarray, random_biggan(cfg, key_b))
+        biggan = random_biggan(cfg, seed)
         biggan_src = f"{RANDOM}:{seed}"
     else:
         from cgn_jax.port.biggan import load_biggan
@@ -217,7 +238,7 @@ def load_networks(model_config, seed: int = 0):
         cfg = module.config
         biggan_src = str(_abs(model_config.biggan))
     if model_config.u2net == RANDOM:
-        u2net = jax.tree.map(np.asarray, random_u2net(model_config.u2net_variant, key_u))
+        u2net = random_u2net(model_config.u2net_variant, seed + 1)
         u2net_src = f"{RANDOM}:{seed}"
     else:
         from cgn_jax.port.u2net import load_u2net

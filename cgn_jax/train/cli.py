@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/mnist.py:colored"
-FAMILIES = {"mnist": "cgn_jax.train.mnist"}  # config.family -> module with train(config, workdir, ...)
+FAMILIES = {"mnist": "cgn_jax.train.mnist", "imagenet": "cgn_jax.train.imagenet"}  # config.family -> module with train(config, workdir, ...)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
