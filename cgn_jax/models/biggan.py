@@ -243,6 +243,7 @@ class BigGANDeep(nn.Module):
 
     config: BigGANConfig = BigGANConfig()
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each GenBlock in the backward pass (same parameters and outputs)
 
     def stats(self, truncation: float) -> TruncationStats:
         return truncation_stats(truncation, self.config.n_stats)
@@ -282,13 +283,15 @@ class BigGANDeep(nn.Module):
         # The TF-derived gen_z output is laid out (h, w, c): already NHWC.
         h = einops.rearrange(h, "n (h w c) -> n h w c", h=4, w=4)
 
+        # remat recomputes each block's activations in the backward pass (fine-tuning memory)
+        block = nn.remat(GenBlock) if self.remat else GenBlock
         index = 0
         for i, (up, cin, cout) in enumerate(cfg.layers):
             if i == cfg.attention_layer_position:
                 h = SelfAttention(ch * cin, dtype=self.dtype, name=f"layers_{index}")(h)
                 index += 1
-            h = GenBlock(ch * cin, ch * cout, up, cfg.eps, cfg.n_stats, dtype=self.dtype,
-                         name=f"layers_{index}")(h, cond, ts)
+            h = block(ch * cin, ch * cout, up, cfg.eps, cfg.n_stats, dtype=self.dtype,
+                      name=f"layers_{index}")(h, cond, ts)
             index += 1
 
         h = _FinalBatchNorm(ch, cfg.eps, cfg.n_stats, self.dtype, name="bn")(h, ts)

@@ -17,7 +17,7 @@ treated differently everywhere that matters:
   frozen copy of them.
 
 `remat` recomputes activations in the backward pass instead of storing them: per
-GenBlock for the BigGANs (`RematBigGANDeep`) and for the whole U2-Net call. It changes
+GenBlock for the BigGANs (`BigGANDeep(remat=True)`) and for the whole U2-Net call. It changes
 memory, not results.
 """
 
@@ -27,56 +27,16 @@ import dataclasses
 from typing import Any
 
 import chex
-import einops
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cgn_jax.models.biggan import (BigGANConfig, BigGANDeep, GenBlock, SelfAttention, TruncationStats,
-                                   _FinalBatchNorm, truncated_noise, truncation_stats)
+from cgn_jax.models.biggan import BigGANConfig, BigGANDeep, TruncationStats, truncated_noise, truncation_stats
 from cgn_jax.models.u2net import U2Net
 
 MECHANISMS = ("shape", "texture", "background")
 MASK_CLAMP = (1e-4, 1.0 - 1e-4)
 # Class rows of the official training sample sheets (imagenet/train_cgn.py).
 SHEET_CLASSES = (15, 251, 330, 382, 385, 483, 559, 751, 938, 947, 999)
-
-
-class RematBigGANDeep(BigGANDeep):
-    """`BigGANDeep` with every GenBlock under `nn.remat` (same parameters, same outputs).
-
-    Mirrors `BigGANDeep.__call__` block for block; `tests/test_imagenet_cgn.py` checks
-    the outputs are identical. Drop this class once `BigGANDeep` grows a `remat` field.
-    """
-
-    @nn.compact
-    def __call__(self, z, class_vector, truncation, train: bool = False):
-        del train
-        cfg = self.config
-        ts = truncation if isinstance(truncation, TruncationStats) else self.stats(float(truncation))
-        ts = TruncationStats(jnp.asarray(ts.index, jnp.int32), jnp.asarray(ts.weight, jnp.float32))
-        n = z.shape[0]
-        chex.assert_shape(z, (n, cfg.z_dim))
-        if class_vector.ndim == 1 and jnp.issubdtype(class_vector.dtype, jnp.integer):
-            class_vector = jax.nn.one_hot(class_vector, cfg.num_classes)
-        chex.assert_shape(class_vector, (n, cfg.num_classes))
-        ch = cfg.channel_width
-        embed = nn.Dense(cfg.z_dim, use_bias=False, dtype=self.dtype, name="embeddings")(class_vector)
-        cond = jnp.concatenate([z.astype(self.dtype), embed.astype(self.dtype)], axis=-1)
-        h = nn.Dense(4 * 4 * 16 * ch, dtype=self.dtype, name="gen_z")(cond)
-        h = einops.rearrange(h, "n (h w c) -> n h w c", h=4, w=4)
-        block = nn.remat(GenBlock)
-        index = 0
-        for i, (up, cin, cout) in enumerate(cfg.layers):
-            if i == cfg.attention_layer_position:
-                h = SelfAttention(ch * cin, dtype=self.dtype, name=f"layers_{index}")(h)
-                index += 1
-            h = block(ch * cin, ch * cout, up, cfg.eps, cfg.n_stats, dtype=self.dtype,
-                      name=f"layers_{index}")(h, cond, ts)
-            index += 1
-        h = _FinalBatchNorm(ch, cfg.eps, cfg.n_stats, self.dtype, name="bn")(h, ts)
-        h = nn.Conv(3, (3, 3), padding=1, dtype=self.dtype, name="conv_to_rgb")(nn.relu(h))
-        return jnp.tanh(h.astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +54,7 @@ class ImageNetCGN:
 
     @property
     def biggan(self) -> BigGANDeep:
-        cls = RematBigGANDeep if self.remat else BigGANDeep
-        return cls(config=self.biggan_config, dtype=self.dtype)
+        return BigGANDeep(config=self.biggan_config, dtype=self.dtype, remat=self.remat)
 
     @property
     def u2net(self) -> U2Net:
