@@ -367,7 +367,8 @@ def test_training_sample_sheet_and_remat_gradients(tmp_path, tiny_model):
     grad = lambda m: jax.jit(jax.grad(lambda p: m.generate(p, nets, u, y, m.stats(1.0)).sum()))(  # noqa: E731
         nets["biggan"]["params"])
     for a, b in zip(jax.tree.leaves(grad(model)), jax.tree.leaves(grad(remat))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # recomputation may fuse differently: equal up to float32 rounding of the leaf's scale
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * (np.abs(a).max() + 1e-30))
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":

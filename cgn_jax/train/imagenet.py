@@ -278,6 +278,7 @@ def benchmark(config, steps: int = 10, devices=None) -> dict:
     """
     devices = list(devices) if devices is not None else jax.local_devices()
     check_config(config)
+    examples_per_update = int(config.train.effective_batch)
     try:
         S.accum_steps(config, len(devices))
     except ValueError:  # accumulation does not change a micro-step's cost: time it without
@@ -309,7 +310,8 @@ def benchmark(config, steps: int = 10, devices=None) -> dict:
               "load_s": round(load_s, 2), "compile_s": round(compile_s, 2), "steps": steps,
               "sec_per_micro_step_median": med, "sec_per_micro_step_min": float(np.min(times)),
               "examples_per_sec": spec.global_batch / med,
-              "sec_per_update_estimate": med * spec.accum}
+              "sec_per_update_estimate": med * examples_per_update / spec.global_batch,
+              "examples_per_update": examples_per_update}
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
