@@ -84,6 +84,10 @@ def add_arguments(parser) -> None:
                         help="train a row's seeds in one vmapped computation (auto: on accelerators, not on CPU)")
     parser.add_argument("--jax-cache", default="", metavar="DIR",
                         help="persistent compilation cache (a resumed or repeated run skips recompiling)")
+    parser.add_argument("--generator", nargs="+", default=[], metavar="VARIANT=DIR",
+                        help="use this CGN (a `cgn-jax train` workdir or its generator/ dir) instead of the "
+                             "official weights for VARIANT; its rows are stored under --tag")
+    parser.add_argument("--tag", default="", help="row suffix for runs with --generator (default 'cgn-jax')")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -177,8 +181,11 @@ def load_bundle(path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def method_inputs(bundle: dict, method: str):
-    """(data dict, render assets, generator or None) for one method from a bundle."""
+def method_inputs(bundle: dict, method: str, generator_dir=None):
+    """(data dict, render assets, generator or None) for one method from a bundle.
+
+    `generator_dir` replaces the bundle's official weights with a CGN trained by this project.
+    """
     from cgn_jax.models.mnist_cgn import MnistCGN
     from cgn_jax.train.classifier import Generator
 
@@ -195,7 +202,13 @@ def method_inputs(bundle: dict, method: str):
             "test_image": bundle["test_image"], "test_label": bundle["test_label"]}
     assets = {k[len("asset__"):]: v for k, v in bundle.items() if k.startswith("asset__")}
     generator = None
-    if mode != "original":
+    if mode != "original" and generator_dir:
+        from cgn_jax.port.mnist import load_mnist_cgn
+
+        path = Path(generator_dir)
+        model, variables = load_mnist_cgn(path / "generator" if (path / "generator").is_dir() else path)
+        generator = Generator(model, variables)
+    elif mode != "original":
         variables = _unflatten("gen", bundle)
         if not variables:
             raise ValueError(f"the data bundle has no generator weights; re-export it with --methods including {method}")
@@ -219,14 +232,17 @@ def _fmt(values) -> str:
 def render_markdown(results: dict) -> str:
     runs = results.get("runs", {})
     variants = [v for v in VARIANT_ORDER if any(r["variant"] == v for r in runs.values())]
-    methods = [m for m in (*METHOD_ORDER, "cgn_only") if any(r["method"] == m for r in runs.values())]
+    order = (*METHOD_ORDER, "cgn_only")
+    rows = sorted({r.get("row", r["method"]) for r in runs.values() if r["method"] in order},
+                  key=lambda row: (order.index(row.split("@")[0]), row))
     head = "| Method | " + " | ".join(f"{VARIANT_TITLES[v]}: train | test | paper test" for v in variants) + " |"
     sep = "|---|" + "---:|---:|---:|" * len(variants)
     lines = [head, sep]
-    for m in methods:
-        cells = [METHOD_TITLES.get(m, m)]
+    for row in rows:
+        m, _, tag = row.partition("@")
+        cells = [METHOD_TITLES.get(m, m) + (f" (CGN: {tag})" if tag else "")]
         for v in variants:
-            r = runs.get(f"{v}/{m}")
+            r = runs.get(f"{v}/{row}")
             paper = PAPER_TEST_ACC.get(m, (None,) * 3)[VARIANT_ORDER.index(v)]
             cells += [_fmt(r["train_acc"]) if r else "", _fmt(r["test_acc"]) if r else "",
                       "–" if paper is None else f"{paper:.1f}"]
@@ -240,6 +256,7 @@ def render_markdown(results: dict) -> str:
         f"Accuracy in %, mean ± sample std over seeds {seeds}, after {'/'.join(map(str, epochs))} epoch{'s' if epochs != [1] else ''} "
         "(train: running accuracy over the last epoch's training batches, as the official script prints it; "
         "test: the seeded randomised test split). Paper: Sauer & Geiger (ICLR 2021), Table 1, test accuracy.",
+        "Rows without a CGN tag use the official pretrained MNIST CGNs; tagged rows use CGNs trained by `cgn-jax train`.",
         f"Ran on {', '.join(sorted({r.get('device', meta.get('device', '?')) for r in runs.values()}))} in "
         f"{total / 60:.1f} min of training (compilation included).",
     ]
@@ -318,9 +335,27 @@ def run(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_markdown(results))
 
+    generators = {}
+    for item in args.generator:
+        name, sep, path = item.partition("=")
+        try:
+            name = palettes.canonical_variant(name)
+        except ValueError as e:
+            raise CLIError(f"--generator {item}: {e}") from e
+        if not sep or not Path(path).is_dir():
+            raise CLIError(f"--generator {item}: expected VARIANT=DIR with DIR a `cgn-jax train` workdir or "
+                           "its generator/ directory")
+        generators[name] = path
+
     for variant in variants:
-        todo = [m for m in args.methods
-                if not ((r := results["runs"].get(f"{variant}/{m}")) and r["seeds"] == list(args.seeds)
+        gen_dir = generators.get(variant)
+        suffix = f"@{args.tag or 'cgn-jax'}" if gen_dir else ""
+        methods = [m for m in args.methods if not (gen_dir and METHODS[m][0] == "original")]
+        if gen_dir and len(methods) < len(args.methods):
+            print(f"table1: {variant}: --generator given, so only the rows that use a generator run "
+                  f"({', '.join(methods) or 'none'})", file=sys.stderr)
+        todo = [m for m in methods
+                if not ((r := results["runs"].get(f"{variant}/{m}{suffix}")) and r["seeds"] == list(args.seeds)
                         and r["epochs"] == args.epochs and r.get("limit") == args.limit)]
         if not todo:
             print(f"table1: {variant}: all rows already in {results_path}", file=sys.stderr)
@@ -335,7 +370,7 @@ def run(args) -> int:
         for method in todo:
             mode, correlations = METHODS[method]
             try:
-                data, assets, generator = method_inputs(bundle, method)
+                data, assets, generator = method_inputs(bundle, method, gen_dir)
                 setup = ClassifierSetup(variant, mode=mode, irm_correlations=correlations,
                                         irm_penalty_weight=args.irm_penalty, irm_anneal_steps=args.irm_anneal_steps,
                                         real_fraction=args.real_fraction, epochs=args.epochs, pool=args.pool,
@@ -346,15 +381,16 @@ def run(args) -> int:
             except (SetupError, ValueError) as e:
                 raise CLIError(f"{variant}/{method}: {e}") from e
             last = res["history"][-1]
-            results["runs"][f"{variant}/{method}"] = {
-                "variant": variant, "method": method, "mode": mode, "irm_correlations": list(correlations),
+            results["runs"][f"{variant}/{method}{suffix}"] = {
+                "variant": variant, "method": method, "row": method + suffix, "generator": gen_dir or "official",
+                "mode": mode, "irm_correlations": list(correlations),
                 "seeds": list(args.seeds), "epochs": args.epochs, "limit": args.limit,
                 "device": results["meta"]["device"], "steps_per_epoch": res["steps_per_epoch"],
                 "train_acc": last["train_acc"],
                 "test_acc": last["test_acc"], "history": res["history"], "timing": res["timing"],
                 "setup": {k: getattr(setup, k) for k in setup.__dataclass_fields__},
             }
-            print(f"table1: {variant}/{method}: test acc {_fmt(last['test_acc'])}, train acc "
+            print(f"table1: {variant}/{method}{suffix}: test acc {_fmt(last['test_acc'])}, train acc "
                   f"{_fmt(last['train_acc'])} ({res['timing']['total_seconds']:.0f}s)", file=sys.stderr)
             save()
     save()

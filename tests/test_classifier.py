@@ -237,8 +237,17 @@ def test_table1_bundle_roundtrip_and_markdown(tmp_path):
     results = {"meta": {"device": "1 x cpu"}, "runs": {
         "colored/original": {"variant": "colored", "method": "original", "seeds": [0, 1], "epochs": 10,
                              "train_acc": [0.99, 0.98], "test_acc": [0.30, 0.40], "timing": {"total_seconds": 60}}}}
+    results["runs"]["colored/original+cgn@ours"] = {
+        "variant": "colored", "method": "original+cgn", "row": "original+cgn@ours", "seeds": [0], "epochs": 10,
+        "train_acc": [0.9], "test_acc": [0.8], "timing": {"total_seconds": 60}}
+    results["runs"]["colored/original+cgn"] = {
+        "variant": "colored", "method": "original+cgn", "seeds": [0], "epochs": 10,
+        "train_acc": [0.95], "test_acc": [0.9], "timing": {"total_seconds": 60}}
     md = table1.render_markdown(results)
     assert "| Original | 98.5 ± 0.7 | 35.0 ± 7.1 | 35.9 |" in md
+    rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| Original")]
+    assert rows == ["| Original", "| Original + CGN", "| Original + CGN (CGN: ours)"]
+    assert "| Original + CGN (CGN: ours) | 90.0 | 80.0 | 95.1 |" in md
 
 
 @pytest.mark.slow
@@ -260,7 +269,10 @@ def test_cli_trains_with_on_the_fly_counterfactuals(tmp_path, mnist_dir, tfds_di
 
 @pytest.mark.slow
 def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir):
+    from conftest import SHARED
+
     from cgn_jax import cli
+    from cgn_jax.port import mnist as port_mnist
 
     out = tmp_path / "t1.md"
     bundles = tmp_path / "bundles"
@@ -274,3 +286,14 @@ def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir):
     assert "| Original |" in md and "| IRM (2 envs) |" in md
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["runs"]["colored/irm2"]["seeds"] == [0, 1]
+
+    # a CGN of our own (here: the official weights through `cgn-jax port`) in place of the bundle's
+    gen = port_mnist.convert(SHARED / "weights" / "cgn_mnist" / "colored_MNIST.pth", tmp_path / "gen")
+    assert cli.main(["table1", "--data", str(bundles), "--variants", "colored", "--methods", "original", "original+cgn",
+                     "--generator", f"colored={gen}", "--tag", "mine", "--seeds", "0", "--epochs", "1",
+                     "--steps-per-epoch", "4", "--out", str(out), "--no-progress"]) == 0
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["runs"]["colored/original+cgn@mine"]["generator"] == str(gen)
+    assert "colored/original+cgn" not in raw["runs"]  # only the tagged row ran; original skipped with --generator
+    assert "| Original + CGN (CGN: mine) |" in out.read_text()
+    assert cli.main(["table1", "--data", str(bundles), "--generator", "colored"]) == 2  # no =DIR

@@ -57,7 +57,20 @@ def test_orbax_round_trip_is_exact(cgn_weights, tmp_path):
         np.testing.assert_array_equal(original[k], again[k], err_msg=k)
     meta = read_meta(dst)
     assert meta["model"] == "mnist_cgn" and meta["variant"] == "double_colored"
-    assert model.latent_dim == 32 and model.ngf == 32
+    assert model.latent_dim == 32 and model.ngf == 32 and model.texture_mode == "tile_crop"
+
+
+def test_loading_takes_the_texture_layer_from_the_checkpoint(cgn_weights, tmp_path):
+    """A generator trained with patch_shuffle must not come back with the default tile_crop."""
+    import json
+
+    dst = port_mnist.convert(cgn_weights / "colored_MNIST.pth", tmp_path / "c")
+    meta = json.loads((dst / "meta.json").read_text())
+    (dst / "meta.json").write_text(json.dumps({**meta, "texture_mode": "patch_shuffle", "patch_size": 8}))
+    model, _ = port_mnist.load_mnist_cgn(dst)
+    assert (model.texture_mode, model.patch_size) == ("patch_shuffle", 8)
+    model, _ = port_mnist.load_mnist_cgn(dst, texture_mode="tile_crop", patch_size=4)
+    assert (model.texture_mode, model.patch_size) == ("tile_crop", 4)
 
 
 def test_counterfactual_labels_drive_their_mechanism_only(cgn_weights):

@@ -97,14 +97,21 @@ def convert(src, dst, variant=None) -> Path:
     return save_variables(dst, variables, meta)
 
 
-def load_mnist_cgn(path: str | Path, texture_mode: str = "tile_crop", patch_size: int = 4, dtype=jnp.float32):
-    """(model, variables) from a directory written by `convert` or by `cgn-jax train`."""
+def load_mnist_cgn(path: str | Path, texture_mode: str | None = None, patch_size: int | None = None,
+                   dtype=jnp.float32):
+    """(model, variables) from a directory written by `convert` or by `cgn-jax train`.
+
+    The texture layer is not a parameter, so it is taken from the checkpoint's meta.json
+    (what the generator was trained with) unless given here.
+    """
     from cgn_jax.models.mnist_cgn import MnistCGN, init_variables
 
     meta = read_meta(path)
     if meta.get("model", "mnist_cgn") != "mnist_cgn":
         raise PortError(f"{path} holds a {meta.get('model')!r} checkpoint, not an MNIST CGN")
     sizes = {k: meta[k] for k in ("n_classes", "latent_dim", "ngf", "img_size") if k in meta}
+    texture_mode = texture_mode or meta.get("texture_mode", "tile_crop")
+    patch_size = int(patch_size or meta.get("patch_size", 4))
     model = MnistCGN(texture_mode=texture_mode, patch_size=patch_size, dtype=dtype, **sizes)
     expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0)))
     variables = restore_variables(path, expected=expected)
