@@ -106,6 +106,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if ":" not in coordinator:
             raise DistributedError(f"coordinator must be host:port, got {coordinator!r}")
         log.info("joining %d-process job as process %d (coordinator %s)", num_processes, process_id, coordinator)
+        _cpu_collectives()
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, local_device_ids=local_device_ids,
                                    initialization_timeout=timeout_s)
@@ -115,6 +116,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if cluster is None or _cluster_size() == 1:
         return False  # a plain single-machine run (or a one-task SLURM job)
     log.info("auto-detected %s; initialising jax.distributed", cluster)
+    _cpu_collectives()
     jax.distributed.initialize(local_device_ids=local_device_ids, initialization_timeout=timeout_s)
     return jax.process_count() > 1
 
@@ -156,6 +158,15 @@ def global_to_local_batch(global_batch: int, what: str = "train.batch_size") -> 
 def global_to_host_batch(global_batch: int, what: str = "train.batch_size") -> int:
     """Examples this process feeds per step (its devices' share of the global batch)."""
     return global_to_local_batch(global_batch, what) * jax.local_device_count()
+
+
+def _cpu_collectives() -> None:
+    """Cross-process collectives for CPU devices (gloo); accelerators bring their own (NCCL, ICI)."""
+    try:
+        if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:  # pragma: no cover - a JAX without the option
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

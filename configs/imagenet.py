@@ -78,6 +78,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1 if tiny else 5
     c.train.keep_checkpoints = 3
     c.train.compute_dtype = "bfloat16" if "bf16" in options else "float32"
+    c.train.transfer_guard = "disallow"            # implicit host<->device copies in the step are errors
     c.train.sample_classes = (15, 251, 330, 382, 385, 483, 559, 751, 938, 947, 999)
 
     c.generate = ml_collections.ConfigDict()

@@ -78,6 +78,7 @@ def get_config(variant: str = "colored") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
     c.train.compute_dtype = "float32"  # or "bfloat16" (parameters stay float32)
+    c.train.transfer_guard = "disallow"  # implicit host<->device copies in the step are errors ("log", "allow")
 
     c.generate = ml_collections.ConfigDict()
     c.generate.batch_size = 1000

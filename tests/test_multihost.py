@@ -120,6 +120,7 @@ def _wait(procs, out: Path) -> None:
             pytest.fail(f"{name} exited with {p.returncode}\n{logs}")
 
 
+@pytest.mark.slow  # the training-loop test below runs the same step through `cgn-jax train`
 def test_two_processes_match_one_process(tmp_path):
     # All three at once: the compilations (most of the time) are single-threaded, so on a
     # machine with two or more idle cores the test takes about one compilation's time.
@@ -148,6 +149,71 @@ def test_two_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(p0[name], ref[name], rtol=1e-4, atol=2e-6, err_msg=name)
     # and training moved the parameters (the comparison is not between two initial states)
     assert info["1p_0"]["max_param_change"] > 1e-4
+
+
+def _train(out: Path, name: str, workdir: Path, steps: int, devices: int, process: tuple[int, int, int] | None):
+    """`cgn-jax train` as a subprocess: through `cgn_jax.distributed` when `process` = (id, count, port)."""
+    from conftest import SHARED
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               CGN_JAX_SHARED=str(SHARED))
+    for var in ("CGN_JAX_COORDINATOR", "CGN_JAX_NUM_PROCESSES", "CGN_JAX_PROCESS_ID"):
+        env.pop(var, None)
+    entry = "cgn_jax.cli"
+    if process:
+        pid, count, port = process
+        env.update(CGN_JAX_COORDINATOR=f"127.0.0.1:{port}", CGN_JAX_NUM_PROCESSES=str(count),
+                   CGN_JAX_PROCESS_ID=str(pid))
+        entry = "cgn_jax.distributed"
+    args = [sys.executable, "-m", entry, "train", "--config=configs/mnist.py:colored", f"--workdir={workdir}",
+            "--no-progress", f"--config.dataset.limit={NUM_EXAMPLES}", f"--config.train.batch_size={GLOBAL_BATCH}",
+            f"--config.train.num_steps={steps}", "--config.train.log_every=2", "--config.train.sample_every=2",
+            "--config.train.checkpoint_every=2"]
+    log = open(out / f"log_{name}.txt", "w")
+    return name, subprocess.Popen(args, cwd=Path(__file__).resolve().parent.parent, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+
+
+def _numbers(metrics_jsonl: Path) -> list[dict]:
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("sec_per_step", "time", "wall_time")} for r in rows]
+
+
+def test_two_process_training_matches_one_process_and_resumes(tmp_path):
+    """`cgn-jax train` over two processes (one CPU device each, a shared run directory) is the
+    single-process two-device run: same metrics, same generator, also across a stop and resume.
+
+    The two processes write one Orbax checkpoint together; process 0 alone writes logs and samples.
+    """
+    from cgn_jax.checkpoint import restore_variables
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    port = _free_port()
+    _wait([_train(tmp_path, "2p_0", two, 4, 1, (0, 2, port)), _train(tmp_path, "2p_1", two, 4, 1, (1, 2, port)),
+           _train(tmp_path, "1p", one, 6, 2, None)], tmp_path)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    # a second launch of the same job resumes from step 4 (checkpoint read by both processes)
+    port = _free_port()
+    _wait([_train(tmp_path, "2p_0b", two, 6, 1, (0, 2, port)), _train(tmp_path, "2p_1b", two, 6, 1, (1, 2, port))],
+          tmp_path)
+    assert "resuming" in (tmp_path / "log_2p_0b.txt").read_text()
+
+    rows_two, rows_one = _numbers(two / "metrics.jsonl"), _numbers(one / "metrics.jsonl")
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [2, 4, 6]  # one writer, no duplicates
+    for r2, r1 in zip(rows_two, rows_one):
+        assert r2 == pytest.approx(r1, rel=1e-5, abs=1e-7), r1["step"]
+    assert sorted(p.name for p in (two / "samples").iterdir()) == sorted(p.name for p in (one / "samples").iterdir())
+    a, b = restore_variables(two / "generator"), restore_variables(one / "generator")
+    for (path, x), y in zip(jax_leaves_with_path(a), jax_leaves_with_path(b, values_only=True)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=path)
+    assert json.loads((two / "generator" / "meta.json").read_text())["step"] == 6
+
+
+def jax_leaves_with_path(tree, values_only=False):
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [leaf for _, leaf in leaves] if values_only else [(jax.tree_util.keystr(p), leaf) for p, leaf in leaves]
 
 
 def test_distributed_single_process_helpers(monkeypatch):

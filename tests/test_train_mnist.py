@@ -101,6 +101,8 @@ def test_cli_errors_for_bad_settings(tmp_path, capsys):
     assert "compute_dtype" in capsys.readouterr().err
     assert main(["train", f"--workdir={tmp_path}", "--devices=99"]) == 2
     assert "--devices=99" in capsys.readouterr().err
+    assert main(["train", "--workdir=gs://bucket/run"]) == 2
+    assert "gcsfuse" in capsys.readouterr().err
 
 
 def test_cli_defaults_to_colored_and_runs_dir(tmp_path, monkeypatch):
@@ -361,6 +363,31 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(tmp_path):
         step = ckpt.latest_step()
     assert step is not None and 2 <= step < 10000
     assert read_meta(workdir / "generator")["step"] == step
+
+
+def test_the_loop_makes_no_implicit_host_transfers(tmp_path, monkeypatch):
+    """The step runs under jax.transfer_guard("disallow"): a host round-trip in it is an error, not a slowdown."""
+    from cgn_jax.train import mnist, mnist_step
+
+    real = mnist_step.pmap_train_step
+
+    def leaky_step(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def run(rstate, metrics_sum, ctx):
+            # a careless loop: the metrics round-trip through host numpy arrays every step
+            return step(rstate, jax.tree.map(np.asarray, metrics_sum), ctx)
+        return run
+
+    monkeypatch.setattr(mnist_step, "pmap_train_step", leaky_step)
+    config = tiny_config(num_steps=2, sample_every=0, checkpoint_every=0)
+    with pytest.raises(Exception, match="[Dd]isallowed host-to-device"):
+        mnist.train(config, tmp_path / "guarded", progress=False)
+    config.train.transfer_guard = "allow"
+    assert mnist.train(config, tmp_path / "unguarded", progress=False).step == 2
+    config.train.transfer_guard = "sometimes"
+    with pytest.raises(ValueError, match="transfer_guard"):
+        mnist.check_config(config)
 
 
 @pytest.mark.slow

@@ -43,6 +43,10 @@ def run(args) -> int:
     if family not in FAMILIES:
         raise CLIError(f"`cgn-jax train` does not support config family {family!r} yet; "
                        f"supported: {', '.join(FAMILIES)}")
+    if args.workdir and "://" in args.workdir:
+        raise CLIError(f"--workdir {args.workdir}: URLs are not supported; the loop writes logs and pictures "
+                       "through the local filesystem. Use a local directory, or a shared filesystem path "
+                       "(NFS, or the bucket mounted with gcsfuse) that every process sees")
     workdir = Path(args.workdir) if args.workdir else Path("runs") / config.get("variant", family)
     if not args.no_compile_cache:
         _enable_compile_cache()

@@ -39,7 +39,7 @@ from cgn_jax.models import imagenet_cgn as M
 from cgn_jax.train import imagenet_step as S
 from cgn_jax.train.checkpointing import TrainCheckpoints
 from cgn_jax.train.logging import MetricsLogger, plot_metrics
-from cgn_jax.train.mnist import _Every, _save_config, _say
+from cgn_jax.train.mnist import _Every, _save_config, _say, transfer_guard
 from cgn_jax.train.signals import StopOnSignal
 
 PLOTS = (("losses.png", (("generator", ("g_loss",)), ("reconstruction", ("l1", "perc")),
@@ -64,6 +64,7 @@ class TrainResult:
 def check_config(config) -> None:
     """ValueError for settings that cannot work, before anything is loaded or compiled."""
     S.compute_dtype(config)
+    transfer_guard(config)
     lc = S.LossConfig.from_config(config.loss)
     for name in ("perc_content", "text_style"):
         if len(getattr(lc, name)) != len(lc.perc_style):
@@ -163,9 +164,11 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     window_start = time.perf_counter()
     pbar = tqdm(total=num_steps * accum, initial=micro, disable=not (progress and is_main), dynamic_ncols=True,
                 desc=config.variant, unit="micro")
+    guard = transfer_guard(config)
     with StopOnSignal() as stop:
         while micro < num_steps * accum and not stop.signum:
-            rstate, metrics_sum = step_fn(rstate, metrics_sum, rfrozen)
+            with jax.transfer_guard(guard):  # the step may not move data between host and device
+                rstate, metrics_sum = step_fn(rstate, metrics_sum, rfrozen)
             micro += 1
             n_summed += 1
             timed += 1

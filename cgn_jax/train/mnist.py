@@ -86,9 +86,11 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     pbar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main), dynamic_ncols=True,
                 desc=config.variant, unit="step")
     step = start
+    guard = transfer_guard(config)
     with StopOnSignal() as stop:
         while step < num_steps and not stop.signum:
-            rstate, metrics_sum = train_step(rstate, metrics_sum, ctx)
+            with jax.transfer_guard(guard):  # the step may not move data between host and device
+                rstate, metrics_sum = train_step(rstate, metrics_sum, ctx)
             step, summed, timed = step + 1, summed + 1, timed + 1
             pbar.update(1)
             if compile_s is None:  # one sync, to report the compilation time (and time steps without it)
@@ -138,6 +140,7 @@ def check_config(config) -> None:
 
     canonical_variant(config.variant)
     S.compute_dtype(config)
+    transfer_guard(config)
     if config.disc.kind not in KINDS:
         raise ValueError(f"disc.kind must be one of {', '.join(KINDS)}, got {config.disc.kind!r}")
     if int(config.train.batch_size) <= 0:
@@ -246,6 +249,19 @@ def _checkpoint(checkpoints: TrainCheckpoints, rstate, step: int, config, workdi
 
 def _mean_metrics(metrics_sum, n: int) -> dict[str, float]:
     return {k: float(v) / n for k, v in parallel.to_host(metrics_sum).items()}
+
+
+def transfer_guard(config) -> str:
+    """The `jax.transfer_guard` level around each train step call (config `train.transfer_guard`).
+
+    "disallow" (the default) makes any implicit host<->device transfer inside the hot
+    loop an error, so a stray numpy argument or a Python read of a device value cannot
+    slip in and serialise the loop; "log" reports them, "allow" switches the check off.
+    """
+    level = str(config.train.get("transfer_guard", "disallow"))
+    if level not in ("allow", "log", "disallow"):
+        raise ValueError(f"train.transfer_guard={level!r}; valid: allow, log, disallow")
+    return level
 
 
 class _Every:
