@@ -10,6 +10,7 @@ model expects and names the first mismatch.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,10 @@ def save_variables(dst: str | Path, variables, meta: dict | None = None) -> Path
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(target, jax.tree.map(np.asarray, variables), force=True)
     checkpointer.wait_until_finished()
-    (dst / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True))
+    if jax.process_index() == 0:  # every process joins Orbax's save; one writes the (atomic) meta.json
+        tmp = dst / f".meta.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(meta or {}, indent=2, sort_keys=True))
+        os.replace(tmp, dst / "meta.json")
     return dst
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from cgn_jax.compose import compose, texture_layer
+from cgn_jax.models.upsample_conv import UpsampleConv3x3
 
 MASK_CLAMP = (1e-4, 1.0 - 1e-4)
 INIT_TYPES = ("orthogonal", "normal", "xavier", "kaiming")
@@ -30,11 +31,6 @@ def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
     mean = x32.mean(axis=(1, 2), keepdims=True)
     var = jnp.square(x32 - mean).mean(axis=(1, 2), keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-def upsample2x(x: jax.Array) -> jax.Array:
-    """Nearest-neighbour x2 upsampling (each pixel becomes a 2x2 block)."""
-    return einops.repeat(x, "n h w c -> n (h a) (w b) c", a=2, b=2)
 
 
 def weight_init(init_type: str, gain: float):
@@ -65,6 +61,7 @@ class _Mechanism(nn.Module):
     init_gain: float = 0.1
     dtype: Any = jnp.float32
     axis_name: str | None = None  # pmap axis over which BatchNorm averages batch statistics
+    upsample_conv: str = "auto"  # how upsample+conv is computed (cgn_jax.models.upsample_conv); same result
 
     def _conv(self, features, name, use_bias=False):
         return nn.Conv(features, (3, 3), padding=1, use_bias=use_bias, dtype=self.dtype,
@@ -81,7 +78,8 @@ class _Mechanism(nn.Module):
         return einops.rearrange(h, "n (c h w) -> n h w c", c=self.ngf * 2, h=self.init_size, w=self.init_size)
 
     def _up_block(self, h, features, train, idx):
-        h = self._conv(features, f"conv{idx}")(upsample2x(h))
+        h = UpsampleConv3x3(features, dtype=self.dtype, kernel_init=weight_init(self.init_type, self.init_gain),
+                            mode=self.upsample_conv, name=f"conv{idx}")(h)
         h = self._bn(train, f"bn{idx}")(h)
         return nn.leaky_relu(h, 0.2)
 
@@ -123,10 +121,12 @@ class MnistCGN(nn.Module):
     patch_size: int = 4
     dtype: Any = jnp.float32
     axis_name: str | None = None  # set to the pmap axis so BatchNorm uses the global batch's statistics
+    upsample_conv: str = "auto"   # "phase" | "direct" | "auto" (phase on small CPU batches); see models/upsample_conv.py
 
     def setup(self):
         kw = dict(ngf=self.ngf, init_size=self.img_size // 4, init_type=self.init_type,
-                  init_gain=self.init_gain, dtype=self.dtype, axis_name=self.axis_name)
+                  init_gain=self.init_gain, dtype=self.dtype, axis_name=self.axis_name,
+                  upsample_conv=self.upsample_conv)
         # torch.nn.Embedding initialises N(0, 1), and the official init_net leaves it alone.
         self.label_emb = nn.Embed(self.n_classes, self.n_classes, embedding_init=nn.initializers.normal(1.0))
         self.f_shape = ShapeMechanism(**kw)
@@ -189,7 +189,8 @@ def from_config(model_config, dtype=jnp.float32, axis_name: str | None = None) -
     return MnistCGN(n_classes=model_config.n_classes, latent_dim=model_config.latent_dim, ngf=model_config.ngf,
                     img_size=model_config.img_size, init_type=model_config.init_type,
                     init_gain=model_config.init_gain, texture_mode=model_config.texture_mode,
-                    patch_size=model_config.patch_size, dtype=dtype, axis_name=axis_name)
+                    patch_size=model_config.patch_size, dtype=dtype, axis_name=axis_name,
+                    upsample_conv=model_config.get("upsample_conv", "auto"))
 
 
 def init_variables(model: MnistCGN, key: jax.Array, batch: int = 2):
