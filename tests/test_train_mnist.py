@@ -185,7 +185,7 @@ _SPLIT_SCRIPT = textwrap.dedent("""
     devices = jax.local_devices()
     assert len(devices) == 8, devices
     runs = {}
-    for n in (1, 8):
+    for n in (1, 2, 4, 8):
         ctx, num = M.step_context(config, devices[:n])
         runs[n] = (S.pmap_train_step(config, 8, num, devices[:n]), ctx, devices[:n])
     res, state = {}, S.init_state(config)
@@ -214,8 +214,9 @@ _SPLIT_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("variant", ["colored", pytest.param("wildlife", marks=pytest.mark.slow)])
-def test_one_and_eight_devices_make_the_same_update(variant, tmp_path):
-    """From the same state, one step over 1 device and over 8 (global batch 8) agree to float rounding."""
+def test_one_two_four_eight_devices_make_the_same_update(variant, tmp_path):
+    """From the same state, one step over 1, 2, 4 and 8 devices (global batch 8) agree to float rounding:
+    the losses for all splits, and for 8 devices the whole new state (parameters, Adam moments, BN stats)."""
     out = tmp_path / "split.npz"
     proc = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT, variant, str(out), str(Path(__file__).parent)],
                           env=_subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=1200)
@@ -225,6 +226,12 @@ def test_one_and_eight_devices_make_the_same_update(variant, tmp_path):
     err = str(r["split_error"])
     assert err.startswith("BatchSplitError") and "batch_size=12" in err and "8 devices" in err, err
     lr = tiny_config(variant).optim.lr
+    for n in (2, 4):
+        for i in (1, 2):
+            for name in [k for k in r if k.startswith(f"1/step{i}/metrics/")]:
+                np.testing.assert_allclose(r[f"{n}/" + name[2:]], r[name], rtol=1e-4, atol=1e-6,
+                                           err_msg=f"{n} devices, step {i} {name}")
+        assert r[f"{n}/replica_spread"] == 0.0
     for i in (1, 2):
         one = {k[len(f"1/step{i}/"):]: v for k, v in r.items() if k.startswith(f"1/step{i}/")}
         eight = {k[len(f"8/step{i}/"):]: v for k, v in r.items() if k.startswith(f"8/step{i}/")}
