@@ -151,7 +151,8 @@ def test_two_processes_match_one_process(tmp_path):
     assert info["1p_0"]["max_param_change"] > 1e-4
 
 
-def _train(out: Path, name: str, workdir: Path, steps: int, devices: int, process: tuple[int, int, int] | None):
+def _train(out: Path, name: str, workdir: Path, steps: int, devices: int, process: tuple[int, int, int] | None,
+           data_dir: Path):
     """`cgn-jax train` as a subprocess: through `cgn_jax.distributed` when `process` = (id, count, port)."""
     from conftest import SHARED
 
@@ -168,7 +169,7 @@ def _train(out: Path, name: str, workdir: Path, steps: int, devices: int, proces
     args = [sys.executable, "-m", entry, "train", "--config=configs/mnist.py:colored", f"--workdir={workdir}",
             "--no-progress", f"--config.dataset.limit={NUM_EXAMPLES}", f"--config.train.batch_size={GLOBAL_BATCH}",
             f"--config.train.num_steps={steps}", "--config.train.log_every=2", "--config.train.sample_every=2",
-            "--config.train.checkpoint_every=2"]
+            "--config.train.checkpoint_every=2", f"--config.dataset.data_dir={data_dir}"]
     log = open(out / f"log_{name}.txt", "w")
     return name, subprocess.Popen(args, cwd=Path(__file__).resolve().parent.parent, env=env, stdout=log,
                                   stderr=subprocess.STDOUT)
@@ -185,17 +186,24 @@ def test_two_process_training_matches_one_process_and_resumes(tmp_path):
 
     The two processes write one Orbax checkpoint together; process 0 alone writes logs and samples.
     """
-    from cgn_jax.checkpoint import restore_variables
+    from conftest import SHARED
 
+    from cgn_jax.checkpoint import restore_variables
+    from cgn_jax.data import load_variant
+
+    # build the TFDS dataset once here, so the three processes do not race to build it
+    data = tmp_path / "tfds"
+    load_variant("colored", "train", mnist_dir=SHARED / "data" / "mnist", data_dir=data, limit=NUM_EXAMPLES)
     two, one = tmp_path / "two", tmp_path / "one"
     port = _free_port()
-    _wait([_train(tmp_path, "2p_0", two, 4, 1, (0, 2, port)), _train(tmp_path, "2p_1", two, 4, 1, (1, 2, port)),
-           _train(tmp_path, "1p", one, 6, 2, None)], tmp_path)
+    _wait([_train(tmp_path, "2p_0", two, 4, 1, (0, 2, port), data),
+           _train(tmp_path, "2p_1", two, 4, 1, (1, 2, port), data),
+           _train(tmp_path, "1p", one, 6, 2, None, data)], tmp_path)
     assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     # a second launch of the same job resumes from step 4 (checkpoint read by both processes)
     port = _free_port()
-    _wait([_train(tmp_path, "2p_0b", two, 6, 1, (0, 2, port)), _train(tmp_path, "2p_1b", two, 6, 1, (1, 2, port))],
-          tmp_path)
+    _wait([_train(tmp_path, "2p_0b", two, 6, 1, (0, 2, port), data),
+           _train(tmp_path, "2p_1b", two, 6, 1, (1, 2, port), data)], tmp_path)
     assert "resuming" in (tmp_path / "log_2p_0b.txt").read_text()
 
     rows_two, rows_one = _numbers(two / "metrics.jsonl"), _numbers(one / "metrics.jsonl")
