@@ -378,7 +378,7 @@ def run(args) -> int:
                 res = train_classifier(setup, data, assets, generator, seeds=args.seeds,
                                        vmap_seeds={"auto": None, "yes": True, "no": False}[args.vmap_seeds],
                                        progress=not args.no_progress)
-            except (SetupError, ValueError) as e:
+            except (SetupError, ValueError, FileNotFoundError) as e:
                 raise CLIError(f"{variant}/{method}: {e}") from e
             last = res["history"][-1]
             results["runs"][f"{variant}/{method}{suffix}"] = {
