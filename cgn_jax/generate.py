@@ -24,7 +24,15 @@ from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
 
 
 def load_generator(checkpoint: str, config=None):
-    """(model, variables) from an Orbax generator dir (ported or trained) or an official .pth."""
+    """(model, variables) from an Orbax generator dir (ported or trained) or an official .pth.
+
+    The texture layer comes from the config, except for a generator trained here: its
+    meta.json records the layer it was trained with, and that one is used (with a warning
+    when the config asks for another).
+    """
+    import sys
+
+    from cgn_jax.checkpoint import read_meta
     from cgn_jax.port.mnist import load_mnist_cgn, load_torch_mnist_cgn
 
     texture = dict(texture_mode=config.model.texture_mode, patch_size=config.model.patch_size) if config else {}
@@ -34,6 +42,13 @@ def load_generator(checkpoint: str, config=None):
         return MnistCGN(**texture), variables
     if (path / "generator").is_dir():  # a training workdir
         path = path / "generator"
+    meta = read_meta(path)
+    if "texture_mode" in meta:
+        recorded = dict(texture_mode=meta["texture_mode"], patch_size=int(meta.get("patch_size", 4)))
+        if texture and texture != recorded:
+            print(f"cgn-jax: {path} was trained with texture layer {recorded}; using it instead of the "
+                  f"config's {texture}", file=sys.stderr)
+        texture = recorded
     return load_mnist_cgn(path, **texture)
 
 

@@ -72,6 +72,18 @@ def test_loading_takes_the_texture_layer_from_the_checkpoint(cgn_weights, tmp_pa
     model, _ = port_mnist.load_mnist_cgn(dst, texture_mode="tile_crop", patch_size=4)
     assert (model.texture_mode, model.patch_size) == ("tile_crop", 4)
 
+    # `cgn-jax generate` and the classifier pass the config's layer: the recorded one wins
+    from types import SimpleNamespace
+
+    from cgn_jax.generate import load_generator
+
+    config = SimpleNamespace(model=SimpleNamespace(texture_mode="tile_crop", patch_size=4))
+    model, _ = load_generator(str(dst), config)
+    assert (model.texture_mode, model.patch_size) == ("patch_shuffle", 8)
+    (dst / "meta.json").write_text(json.dumps(meta))  # a ported checkpoint records none: the config decides
+    model, _ = load_generator(str(dst), config)
+    assert (model.texture_mode, model.patch_size) == ("tile_crop", 4)
+
 
 def test_counterfactual_labels_drive_their_mechanism_only(cgn_weights):
     variables = port_mnist.load_torch_mnist_cgn(cgn_weights / "colored_MNIST.pth")
