@@ -260,6 +260,10 @@ def render_markdown(results: dict) -> str:
         f"Ran on {', '.join(sorted({r.get('device', meta.get('device', '?')) for r in runs.values()}))} in "
         f"{total / 60:.1f} min of training (compilation included).",
     ]
+    for key, r in sorted(runs.items()):
+        if r.get("inverted_classes"):
+            notes.append(f"{key}: the CGN's mask is inverted (covers the background) for classes "
+                         f"{', '.join(map(str, r['inverted_classes']))} (`cgn_jax.mask_stats`).")
     return "\n".join(lines + notes) + "\n"
 
 
@@ -371,6 +375,18 @@ def run(args) -> int:
             mode, correlations = METHODS[method]
             try:
                 data, assets, generator = method_inputs(bundle, method, gen_dir)
+                masks = {}
+                if generator is not None:
+                    from cgn_jax import mask_stats
+
+                    frame_means = mask_stats.generator_frame_means(generator.model, generator.variables,
+                                                                    jax.random.PRNGKey(0))
+                    masks = {"mask_frame_means": [round(float(m), 4) for m in frame_means],
+                             "inverted_classes": mask_stats.inverted_classes(frame_means)}
+                    if masks["inverted_classes"]:
+                        print(f"table1: {variant}/{method}{suffix}: warning: the generator's "
+                              f"{mask_stats.describe(frame_means)}; those classes' samples keep the cue tied to "
+                              "the digit", file=sys.stderr)
                 setup = ClassifierSetup(variant, mode=mode, irm_correlations=correlations,
                                         irm_penalty_weight=args.irm_penalty, irm_anneal_steps=args.irm_anneal_steps,
                                         real_fraction=args.real_fraction, epochs=args.epochs, pool=args.pool,
@@ -387,7 +403,7 @@ def run(args) -> int:
                 "seeds": list(args.seeds), "epochs": args.epochs, "limit": args.limit,
                 "device": results["meta"]["device"], "steps_per_epoch": res["steps_per_epoch"],
                 "train_acc": last["train_acc"],
-                "test_acc": last["test_acc"], "history": res["history"], "timing": res["timing"],
+                "test_acc": last["test_acc"], **masks, "history": res["history"], "timing": res["timing"],
                 "setup": {k: getattr(setup, k) for k in setup.__dataclass_fields__},
             }
             print(f"table1: {variant}/{method}{suffix}: test acc {_fmt(last['test_acc'])}, train acc "

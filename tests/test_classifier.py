@@ -239,7 +239,7 @@ def test_table1_bundle_roundtrip_and_markdown(tmp_path):
                              "train_acc": [0.99, 0.98], "test_acc": [0.30, 0.40], "timing": {"total_seconds": 60}}}}
     results["runs"]["colored/original+cgn@ours"] = {
         "variant": "colored", "method": "original+cgn", "row": "original+cgn@ours", "seeds": [0], "epochs": 10,
-        "train_acc": [0.9], "test_acc": [0.8], "timing": {"total_seconds": 60}}
+        "train_acc": [0.9], "test_acc": [0.8], "timing": {"total_seconds": 60}, "inverted_classes": [1, 6]}
     results["runs"]["colored/original+cgn"] = {
         "variant": "colored", "method": "original+cgn", "seeds": [0], "epochs": 10,
         "train_acc": [0.95], "test_acc": [0.9], "timing": {"total_seconds": 60}}
@@ -248,6 +248,7 @@ def test_table1_bundle_roundtrip_and_markdown(tmp_path):
     rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| Original")]
     assert rows == ["| Original", "| Original + CGN", "| Original + CGN (CGN: ours)"]
     assert "| Original + CGN (CGN: ours) | 90.0 | 80.0 | 95.1 |" in md
+    assert "colored/original+cgn@ours: the CGN's mask is inverted (covers the background) for classes 1, 6" in md
 
 
 @pytest.mark.slow
@@ -294,6 +295,8 @@ def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir):
                      "--steps-per-epoch", "4", "--out", str(out), "--no-progress"]) == 0
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["runs"]["colored/original+cgn@mine"]["generator"] == str(gen)
+    assert raw["runs"]["colored/original+cgn@mine"]["inverted_classes"] == []  # the official masks
+    assert len(raw["runs"]["colored/original+cgn@mine"]["mask_frame_means"]) == 10
     assert "colored/original+cgn" not in raw["runs"]  # only the tagged row ran; original skipped with --generator
     assert "| Original + CGN (CGN: mine) |" in out.read_text()
     assert cli.main(["table1", "--data", str(bundles), "--generator", "colored"]) == 2  # no =DIR

@@ -207,7 +207,8 @@ def test_two_process_training_matches_one_process_and_resumes(tmp_path):
     assert "resuming" in (tmp_path / "log_2p_0b.txt").read_text()
 
     rows_two, rows_one = _numbers(two / "metrics.jsonl"), _numbers(one / "metrics.jsonl")
-    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [2, 4, 6]  # one writer, no duplicates
+    # one writer, no duplicates: at each step a row of losses and one of per-class mask statistics
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [2, 2, 4, 4, 6, 6]
     for r2, r1 in zip(rows_two, rows_one):
         assert r2 == pytest.approx(r1, rel=1e-5, abs=1e-7), r1["step"]
     assert sorted(p.name for p in (two / "samples").iterdir()) == sorted(p.name for p in (one / "samples").iterdir())

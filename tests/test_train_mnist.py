@@ -288,13 +288,20 @@ def test_training_run_writes_logs_samples_checkpoints_and_a_generator(full_run):
     config = json.loads((workdir / "config.json").read_text())
     assert config["variant"] == "colored" and config["train"]["batch_size"] == BATCH
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 4, 6]
-    assert set(records[0]) == {"step", "sec_per_step", *S.METRICS}
-    for r in records:  # window means: a mask in [0, 1] has variance <= mean * (1 - mean)
+    losses = [r for r in records if "g_loss" in r]
+    assert [r["step"] for r in losses] == [2, 4, 6]
+    assert set(losses[0]) == {"step", "sec_per_step", *S.METRICS}
+    for r in losses:  # window means: a mask in [0, 1] has variance <= mean * (1 - mean)
         assert 0 < r["mask_mean"] < 1 and r["mask_var"] <= r["mask_mean"] * (1 - r["mask_mean"]) + 1e-6, r
         assert r["sec_per_step"] > 0
+    # at every sample sheet: each class's mask mean on the canvas frame, and how many exceed 0.5
+    by_class = [r for r in records if "mask_frame_c0" in r]
+    assert [r["step"] for r in by_class] == [3, 6] and len(by_class) + len(losses) == len(records)
+    for r in by_class:
+        frame = [r[f"mask_frame_c{k}"] for k in range(10)]
+        assert all(0 <= m <= 1 for m in frame) and r["mask_inverted_classes"] == sum(m > 0.5 for m in frame)
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
-    assert {p.name for p in (workdir / "plots").iterdir()} == {"losses.png", "mask.png"}
+    assert {p.name for p in (workdir / "plots").iterdir()} == {"losses.png", "mask.png", "mask_by_class.png"}
     assert {p.name for p in (workdir / "samples").iterdir()} == {"step_0000003.png", "step_0000006.png"}
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
 

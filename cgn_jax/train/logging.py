@@ -23,6 +23,9 @@ PLOTS = (
                     ("discriminator", ("d_loss", "d_loss_real", "d_loss_fake")),
                     ("discriminator output", ("d_real", "d_fake")))),
     ("mask.png", (("mask mean", ("mask_mean",)), ("mask variance", ("mask_var",)))),
+    # MNIST sample sheets: per class, the mask on the canvas frame (cgn_jax.mask_stats; above 0.5: inverted)
+    ("mask_by_class.png", (("mask on the canvas frame, by class (> 0.5: inverted)",
+                            tuple(f"mask_frame_c{k}" for k in range(10))),)),
 )
 
 
@@ -72,7 +75,9 @@ class MetricsLogger:
         """Redraw the PNG plots from all records so far."""
         if not self.enabled or not self.records:
             return []
-        return [plot_metrics(self.records, panels, self.plot_dir / name) for name, panels in PLOTS]
+        present = set().union(*self.records)
+        return [plot_metrics(self.records, panels, self.plot_dir / name) for name, panels in PLOTS
+                if present.intersection(n for _, names in panels for n in names)]
 
     def close(self) -> None:
         if self._tb is not None:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from cgn_jax import parallel, sheets
+from cgn_jax import mask_stats, parallel, sheets
 from cgn_jax.checkpoint import save_variables
 from cgn_jax.train import mnist_step as S
 from cgn_jax.train.checkpointing import TrainCheckpoints
@@ -87,6 +87,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
                 desc=config.variant, unit="step")
     step = start
     guard = transfer_guard(config)
+    inverted = None  # classes whose mask covered the background at the last sample sheet
     with StopOnSignal() as stop:
         while step < num_steps and not stop.signum:
             with jax.transfer_guard(guard):  # the step may not move data between host and device
@@ -107,7 +108,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
                 metrics_sum, summed = parallel.replicate(S.zero_metrics(), devices), 0
                 timer_start, timed = now, 0
             if every.sample(step) and is_main:
-                save_samples(sampler, rstate, workdir / "samples" / f"step_{step:07d}.png", config, step)
+                inverted = log_samples(sampler, rstate, workdir, config, step, logger, inverted, pbar)
             if every.checkpoint(step):
                 _checkpoint(checkpoints, rstate, step, config, workdir)
     pbar.close()
@@ -118,7 +119,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     elif not (workdir / "generator" / "meta.json").exists():
         export_generator(workdir / "generator", parallel.to_host(rstate.generator), config, step)
     if is_main and step > start and not every.sample(step) and not stop.signum:  # a preempted run saves time
-        save_samples(sampler, rstate, workdir / "samples" / f"step_{step:07d}.png", config, step)
+        log_samples(sampler, rstate, workdir, config, step, logger, inverted)
     checkpoints.close()
     logger.close()
     status = "interrupted" if stop.signum and step < num_steps else "completed"
@@ -222,13 +223,28 @@ def make_sampler(config):
     return sampler
 
 
-def save_samples(sampler, rstate, path: Path, config, step: int) -> Path:
-    """Sheet with rows = classes and panels mask | foreground | background | composite."""
+def save_samples(sampler, rstate, path: Path, config, step: int) -> dict:
+    """Sheet with rows = classes and panels mask | foreground | background | composite; returns the outputs."""
     g = parallel.unreplicate(rstate.generator)
     out = jax.device_get(sampler({"params": g.params, "batch_stats": g.batch_stats}))
     panels = [("mask", sheets.to_uint8(out["mask"], (0.0, 1.0))), ("foreground", sheets.to_uint8(out["foreground"])),
               ("background", sheets.to_uint8(out["background"])), ("composite", sheets.to_uint8(out["image"]))]
-    return sheets.save_sheet(path, panels, n_cols=SAMPLES_PER_CLASS, title=f"{config.variant} MNIST CGN, step {step}")
+    sheets.save_sheet(path, panels, n_cols=SAMPLES_PER_CLASS, title=f"{config.variant} MNIST CGN, step {step}")
+    return out
+
+
+def log_samples(sampler, rstate, workdir: Path, config, step: int, logger, inverted, pbar=None) -> list[int]:
+    """Sample sheet, plus each class's mask mean on the canvas frame (`mask_frame_c{k}`, see
+    `cgn_jax.mask_stats`) in the metrics; says so when the set of inverted classes changes."""
+    out = save_samples(sampler, rstate, workdir / "samples" / f"step_{step:07d}.png", config, step)
+    labels = np.repeat(np.arange(config.model.n_classes), SAMPLES_PER_CLASS)
+    means = mask_stats.per_class_frame_mean(out["mask"], labels, config.model.n_classes)
+    now = mask_stats.inverted_classes(means)
+    logger.write(step, {**{f"mask_frame_c{k}": float(m) for k, m in enumerate(means)},
+                        "mask_inverted_classes": float(len(now))})
+    if now != inverted and (now or inverted is not None):
+        _say(True, f"step {step}: {mask_stats.describe(means)}", pbar)
+    return now
 
 
 def export_generator(dst: Path, generator: S.NetState, config, step: int) -> Path:

@@ -1,0 +1,34 @@
+"""Mask orientation per class: the check training and `table1` run on a generator."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from cgn_jax import mask_stats
+from cgn_jax.generate import load_generator
+
+
+def test_frame_mean_tells_a_digit_mask_from_an_inverted_one():
+    size = 32
+    digit = np.zeros((size, size, 1))
+    digit[9:23, 13:19] = 1.0  # a stroke inside the central 20x20
+    masks = np.stack([digit, 1.0 - digit, digit, 0.5 * np.ones_like(digit)])
+    means = mask_stats.per_class_frame_mean(masks, np.array([0, 1, 0, 3]), n_classes=5)
+    assert means[0] == 0.0 and means[1] == 1.0 and means[3] == 0.5
+    assert np.isnan(means[2]) and np.isnan(means[4])  # classes without samples
+    assert mask_stats.inverted_classes(means) == [1]
+    assert mask_stats.describe(means).endswith("for classes 1 (of 5)")
+    assert mask_stats.describe(np.zeros(10)) == "masks the right way round for all 10 classes"
+    assert mask_stats.frame(32).sum() == 32 * 32 - 20 * 20
+    with pytest.raises(ValueError, match="square"):
+        mask_stats.per_class_frame_mean(np.zeros((1, 32, 30, 1)), np.array([0]), 10)
+
+
+@pytest.mark.parametrize("name", ["colored_MNIST.pth", "double_colored_MNIST.pth", "wildlife_MNIST.pth"])
+def test_official_generators_have_every_mask_the_right_way_round(cgn_weights, name):
+    model, variables = load_generator(str(cgn_weights / name))
+    means = mask_stats.generator_frame_means(model, variables, jax.random.PRNGKey(0), per_class=16)
+    assert means.shape == (10,)
+    assert mask_stats.inverted_classes(means) == [] and means.max() < 0.15, means
