@@ -30,8 +30,8 @@ from pathlib import Path
 
 DEFAULT_CONFIG = "configs/mnist.py:colored"
 
-# Training-split sizes of the MNIST variants (see cgn_jax.data.builders): the step draws a
-# fresh permutation of the whole split every epoch, so the synthetic dataset has this size.
+# Training-split sizes of the MNIST variants (see cgn_jax.data.builders): the synthetic
+# dataset has the real one's size, so the step indexes (and holds) as much data.
 TRAIN_SIZES = {"colored": 60000, "double_colored": 50000, "wildlife": 50000}
 
 # Dense peak TFLOP/s per JAX device, (bfloat16, float32), from the vendors' datasheets:

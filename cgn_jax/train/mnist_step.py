@@ -29,7 +29,7 @@ import optax
 
 from cgn_jax import losses as L
 from cgn_jax.compose import compose, texture_layer
-from cgn_jax.data import render
+from cgn_jax.data import render, shuffle
 from cgn_jax.models import discriminators
 from cgn_jax.models import mnist_cgn
 from cgn_jax.parallel import AXIS
@@ -169,7 +169,8 @@ class _StepFns:
         """This device's share of step `step`: the rendered real batch, generator labels, noise and keys.
 
         The data are read epoch by epoch in a fresh permutation (as the official shuffled
-        loader), dropping the last incomplete batch.
+        loader), dropping the last incomplete batch. Only this batch's entries of the
+        permutation are computed (`cgn_jax.data.shuffle`).
         """
         b = self.local_batch
         global_batch = b * jax.lax.psum(1, self.axis_name)
@@ -180,8 +181,8 @@ class _StepFns:
             jax.random.fold_in(k_steps, step), 7)
 
         epoch, pos = step // steps_per_epoch, step % steps_per_epoch
-        perm = jax.random.permutation(jax.random.fold_in(k_perm, epoch), self.num_examples)
-        examples = jax.tree.map(lambda a: a[perm[pos * global_batch + ids]], ctx.data)
+        order = shuffle.index_shuffle(jax.random.fold_in(k_perm, epoch), pos * global_batch + ids, self.num_examples)
+        examples = jax.tree.map(lambda a: a[order], ctx.data)
         x_gt = jax.vmap(lambda k, d, f, bg: render.render_batch(
             k, {"digit": d[None], "fg_label": f[None], "bg_label": bg[None]}, ctx.assets, self.variant)[0])(
             _example_keys(k_aug, ids), examples["digit"], examples["fg_label"], examples["bg_label"])
