@@ -66,6 +66,19 @@ def binary_entropy_loss(mask: Array, weight: float, eps: float = 1e-6) -> Array:
     return weight * jnp.mean(entropy)
 
 
+def mask_frame_loss(mask: Array, weight: float) -> Array:
+    """weight * mean mask on the canvas frame, where MNIST never has a digit (not in the official code).
+
+    A prior against the inverted solution of MNIST CGNs, in which the mask covers the
+    background (see `cgn_jax.mask_stats`). Off (0) in the official configs.
+    """
+    from cgn_jax.mask_stats import frame
+
+    chex.assert_rank(mask, 4)
+    on_frame = jnp.asarray(frame(mask.shape[1]), jnp.float32)[None, :, :, None]
+    return weight * jnp.sum(_f32(mask) * on_frame) / (mask.shape[0] * jnp.sum(on_frame) * mask.shape[-1])
+
+
 def mask_interval_loss(mask: Array, weight: float, interval: tuple[float, float] = (0.1, 0.9)) -> Array:
     """Batch mean of weight * hinge(per-example mean mask outside `interval`) (official `MaskLoss`).
 

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
 
 # mean mask on the frame above this (over a class's samples): the mask covers the background
 INVERTED_ABOVE = 0.5
@@ -69,8 +68,10 @@ def describe(means, threshold: float = INVERTED_ABOVE) -> str:
             f"{', '.join(map(str, bad))} (of {n})")
 
 
-def generator_frame_means(model: MnistCGN, variables, key: jax.Array, per_class: int = 64) -> np.ndarray:
-    """`per_class_frame_mean` of the shape mechanism's (clamped) masks for `per_class` noise vectors per class."""
+def generator_frame_means(model, variables, key: jax.Array, per_class: int = 64) -> np.ndarray:
+    """`per_class_frame_mean` of a `MnistCGN`'s (clamped) masks for `per_class` noise vectors per class."""
+    from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
+
     y = jnp.repeat(jnp.arange(model.n_classes), per_class)
 
     @jax.jit

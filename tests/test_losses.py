@@ -68,6 +68,18 @@ def test_l1():
     np.testing.assert_allclose(L.l1_loss(x, y, 2.0), 2.0 * 12 / 6, rtol=1e-6)
 
 
+def test_mask_frame_loss_counts_only_the_frame():
+    digit = np.zeros((2, 32, 32, 1), np.float32)
+    digit[:, 8:24, 12:20] = 1.0  # inside the central 20x20: no penalty
+    assert float(L.mask_frame_loss(digit, 2.0)) == 0.0
+    assert float(L.mask_frame_loss(1.0 - digit, 2.0)) == pytest.approx(2.0)  # inverted: the whole frame
+    half = digit.copy()
+    half[0, :6] = 1.0  # top band of one example: 6*32 of its 624 frame pixels
+    assert float(L.mask_frame_loss(half, 1.0)) == pytest.approx(6 * 32 / 624 / 2)
+    grad = jax.grad(lambda m: L.mask_frame_loss(m, 1.0))(jnp.asarray(digit))
+    assert float(grad[0, 16, 16, 0]) == 0.0 and float(grad[0, 0, 0, 0]) > 0
+
+
 def test_mask_interval_loss():
     inside = np.concatenate([np.full((1, 4, 4, 1), 0.1), np.full((1, 4, 4, 1), 0.5), np.full((1, 4, 4, 1), 0.9)])
     assert float(L.mask_interval_loss(inside, 5.0)) == pytest.approx(0.0, abs=1e-7)

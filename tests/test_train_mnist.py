@@ -166,6 +166,22 @@ def test_training_steps_reduce_the_generator_loss_on_a_fixed_batch(variant):
     assert after["g_loss"] < before["g_loss"], (before, after)
     assert after["g_perc"] < before["g_perc"], (before, after)
     assert 0.0 < after["mask_mean"] < 1.0 and 0.0 <= after["mask_var"] <= 0.25
+    assert after["g_frame"] == 0.0  # the frame prior is off in the official configs
+
+
+def test_frame_prior_enters_the_generator_loss():
+    from cgn_jax import parallel as P
+    from cgn_jax.train import mnist as M
+    from cgn_jax.train import mnist_step as S
+
+    config = tiny_config("colored")
+    config.loss.mask_frame = 2.0
+    devices = jax.local_devices()[:1]
+    ctx, n = M.step_context(config, devices)
+    state = P.replicate(S.init_state(config), devices)
+    m = P.to_host(S.pmap_eval_step(config, BATCH, n, devices)(state, ctx, P.replicate(np.int32(0), devices)))
+    assert 0.0 < m["g_frame"] < 2.0
+    assert m["g_loss"] == pytest.approx(m["g_adv"] + m["g_mask"] + m["g_perc"] + m["g_frame"], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------- one device vs eight

@@ -19,7 +19,7 @@ from typing import Mapping
 
 # (file name, [(panel title, [metric names])]); metrics absent from the records are skipped
 PLOTS = (
-    ("losses.png", (("generator", ("g_loss", "g_adv", "g_mask", "g_perc")),
+    ("losses.png", (("generator", ("g_loss", "g_adv", "g_mask", "g_perc", "g_frame")),
                     ("discriminator", ("d_loss", "d_loss_real", "d_loss_fake")),
                     ("discriminator output", ("d_real", "d_fake")))),
     ("mask.png", (("mask mean", ("mask_mean",)), ("mask variance", ("mask_var",)))),

@@ -37,7 +37,7 @@ from cgn_jax.parallel import AXIS
 DATA_FIELDS = ("digit", "label", "fg_label", "bg_label")  # what the step reads from the stored dataset
 
 # The scalar metrics every step returns (averaged over devices), in logging order.
-METRICS = ("g_loss", "g_adv", "g_mask", "g_perc", "d_loss", "d_loss_real", "d_loss_fake",
+METRICS = ("g_loss", "g_adv", "g_mask", "g_perc", "g_frame", "d_loss", "d_loss_real", "d_loss_fake",
            "d_real", "d_fake", "mask_mean", "mask_var")
 
 
@@ -161,6 +161,7 @@ class _StepFns:
         self.img_size = config.model.img_size
         self.n_classes, self.latent = config.model.n_classes, config.model.latent_dim
         self.mask_weight = float(config.loss.mask)
+        self.frame_weight = float(config.loss.get("mask_frame", 0.0))
         self.local_batch, self.num_examples, self.axis_name = local_batch, num_examples, axis_name
         self.generator, self.discriminator = build_models(config, axis_name=axis_name)
         self.g_tx, self.d_tx = make_optimizers(config)
@@ -210,7 +211,9 @@ class _StepFns:
         adv = L.lsgan_generator_loss(d_out)
         mask = L.binary_entropy_loss(out["mask"], self.mask_weight)
         perc, _ = perceptual(out["image"], inp["x_gt"])
-        return adv + mask + perc, (out, g_stats, d_stats, {"g_adv": adv, "g_mask": mask, "g_perc": perc})
+        frame = L.mask_frame_loss(out["mask"], self.frame_weight) if self.frame_weight else jnp.float32(0.0)
+        terms = {"g_adv": adv, "g_mask": mask, "g_perc": perc, "g_frame": frame}
+        return adv + mask + perc + frame, (out, g_stats, d_stats, terms)
 
     def discriminator_loss(self, d_params, d_stats, x_fake, inp: dict):
         """LSGAN on the real batch (vs 1) and the detached fake (vs 0), halved; aux: (stats, terms)."""
