@@ -34,3 +34,4 @@ def test_counterfactuals_notebook_executes(monkeypatch, cgn_weights):
     assert len(pngs) >= 5  # two grids, masks, mask statistics, the single example
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "generator from" in text and "% of mask pixels" in text
+    assert "masks the right way round for all 10 classes" in text  # the official colored CGN
