@@ -56,12 +56,14 @@ def default_generator_path(variant: str) -> Path:
 def load_generator_for(config) -> tuple[Generator, str]:
     from types import SimpleNamespace
 
+    from cgn_jax import mask_stats
     from cgn_jax.generate import load_generator
 
     checkpoint = config.generator.checkpoint or str(default_generator_path(config.variant))
     shim = SimpleNamespace(model=SimpleNamespace(texture_mode=config.generator.texture_mode,
                                                  patch_size=config.generator.patch_size))
     model, variables = load_generator(checkpoint, shim)
+    mask_stats.check_generator(model, variables, checkpoint)
     return Generator(model, variables), checkpoint
 
 

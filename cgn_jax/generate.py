@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cgn_jax import mask_stats
 from cgn_jax.compose import compose, texture_layer
 from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
 
@@ -159,6 +160,7 @@ def run(args):
         model, variables = load_generator(checkpoint, config)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from e
+    mask_stats.check_generator(model, variables, checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.PRNGKey(args.seed)

@@ -80,3 +80,14 @@ def generator_frame_means(model, variables, key: jax.Array, per_class: int = 64)
         return jnp.clip(model.apply(variables, u, y, method=MnistCGN.shape).astype(jnp.float32), *MASK_CLAMP)
 
     return per_class_frame_mean(jax.device_get(masks(variables, key)), np.asarray(y), model.n_classes)
+
+
+def check_generator(model, variables, what: str) -> np.ndarray:
+    """`generator_frame_means` (key 0), with a warning on stderr naming `what` when a class is inverted."""
+    import sys
+
+    means = generator_frame_means(model, variables, jax.random.PRNGKey(0))
+    if inverted_classes(means):
+        print(f"cgn-jax: warning: {what}: {describe(means)}; counterfactuals of those classes keep the "
+              "texture or colour tied to the digit", file=sys.stderr)
+    return means

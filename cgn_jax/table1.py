@@ -379,14 +379,10 @@ def run(args) -> int:
                 if generator is not None:
                     from cgn_jax import mask_stats
 
-                    frame_means = mask_stats.generator_frame_means(generator.model, generator.variables,
-                                                                    jax.random.PRNGKey(0))
+                    frame_means = mask_stats.check_generator(generator.model, generator.variables,
+                                                             f"table1 {variant}/{method}{suffix}, generator")
                     masks = {"mask_frame_means": [round(float(m), 4) for m in frame_means],
                              "inverted_classes": mask_stats.inverted_classes(frame_means)}
-                    if masks["inverted_classes"]:
-                        print(f"table1: {variant}/{method}{suffix}: warning: the generator's "
-                              f"{mask_stats.describe(frame_means)}; those classes' samples keep the cue tied to "
-                              "the digit", file=sys.stderr)
                 setup = ClassifierSetup(variant, mode=mode, irm_correlations=correlations,
                                         irm_penalty_weight=args.irm_penalty, irm_anneal_steps=args.irm_anneal_steps,
                                         real_fraction=args.real_fraction, epochs=args.epochs, pool=args.pool,

@@ -32,3 +32,15 @@ def test_official_generators_have_every_mask_the_right_way_round(cgn_weights, na
     means = mask_stats.generator_frame_means(model, variables, jax.random.PRNGKey(0), per_class=16)
     assert means.shape == (10,)
     assert mask_stats.inverted_classes(means) == [] and means.max() < 0.15, means
+
+
+def test_generate_warns_about_a_generator_with_inverted_classes(cgn_weights, tmp_path, monkeypatch, capsys):
+    from cgn_jax.cli import main
+
+    means = np.full(10, 0.02)
+    means[[3, 7]] = 0.7
+    monkeypatch.setattr(mask_stats, "generator_frame_means", lambda *a, **k: means)
+    assert main(["generate", "--checkpoint", str(cgn_weights / "colored_MNIST.pth"), "--out", str(tmp_path),
+                 "--sheet"]) == 0
+    err = capsys.readouterr().err
+    assert "colored_MNIST.pth: mask inverted" in err and "for classes 3, 7 (of 10)" in err
