@@ -10,9 +10,9 @@ canvas, so the frame around it is background in every real image: a mask whose m
 that frame is high covers the background. (The mean over the whole canvas does not
 separate the two: an inverted mask is not 1 everywhere, and an H100-trained colored CGN's
 inverted classes averaged 0.43-0.46 against 0.13-0.16 for its correct ones. On the frame
-they averaged 0.60-0.69 against 0.01-0.03, and the official weights 0.01-0.06.) The check
-is cheap, so training runs it at every sample sheet, and `cgn-jax table1 --generator` runs it
-before a generator is used.
+they averaged 0.60-0.69 against 0.01-0.03, and the official weights 0.01-0.07.) The check
+is cheap, so training runs it at every sample sheet, and `cgn-jax generate`,
+`train-classifier` and `table1` run it on the generator they load.
 """
 
 from __future__ import annotations
