@@ -12,6 +12,7 @@ and the real batch (all four blocks run, as the official hooks do). One step is 
 generator update, then the discriminator update on the detached fake, with Adam each.
 Weights are random (timing does not depend on them) and torchvision is not needed.
 
+    pip install torch   # CPU wheel; not a cgn-jax dependency
     python benchmarks/torch_mnist_step.py --batch 16 --steps 20
 
 Run it back to back with `cgn-jax bench --batch N` on an otherwise idle machine.
