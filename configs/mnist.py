@@ -39,6 +39,9 @@ def get_config(variant: str = "colored") -> ml_collections.ConfigDict:
     c.dataset.data_dir = ""        # where the TFDS datasets are built; "" = ~/.cache/cgn_jax/tfds
     c.dataset.correlation = 1.0    # P(colour/texture label == digit label) in the train split
     c.dataset.limit = 0            # keep only the first N training examples (0 = all); for quick runs
+    # equal contiguous shards of the train split, each read in its own order, G/S of every batch from
+    # each; a host loads only the shards its devices read (cgn_jax.data.sharding). 0 = one per process
+    c.dataset.shards = 0
     c.dataset.seed = 0             # seed of the dataset build (label draws); separate from the run seed
     c.dataset.palette = LNTL_PALETTE
 

@@ -169,7 +169,8 @@ def _train(out: Path, name: str, workdir: Path, steps: int, devices: int, proces
     args = [sys.executable, "-m", entry, "train", "--config=configs/mnist.py:colored", f"--workdir={workdir}",
             "--no-progress", f"--config.dataset.limit={NUM_EXAMPLES}", f"--config.train.batch_size={GLOBAL_BATCH}",
             f"--config.train.num_steps={steps}", "--config.train.log_every=2", "--config.train.sample_every=2",
-            "--config.train.checkpoint_every=2", f"--config.dataset.data_dir={data_dir}"]
+            "--config.train.checkpoint_every=2", f"--config.dataset.data_dir={data_dir}",
+            "--config.dataset.shards=2"]
     log = open(out / f"log_{name}.txt", "w")
     return name, subprocess.Popen(args, cwd=Path(__file__).resolve().parent.parent, env=env, stdout=log,
                                   stderr=subprocess.STDOUT)
@@ -185,6 +186,8 @@ def test_two_process_training_matches_one_process_and_resumes(tmp_path):
     single-process two-device run: same metrics, same generator, also across a stop and resume.
 
     The two processes write one Orbax checkpoint together; process 0 alone writes logs and samples.
+    With two data shards each process loads only its half of the split; the one-process run
+    holds both halves and reads them the same way.
     """
     from conftest import SHARED
 
@@ -205,6 +208,10 @@ def test_two_process_training_matches_one_process_and_resumes(tmp_path):
     _wait([_train(tmp_path, "2p_0b", two, 6, 1, (0, 2, port), data),
            _train(tmp_path, "2p_1b", two, 6, 1, (1, 2, port), data)], tmp_path)
     assert "resuming" in (tmp_path / "log_2p_0b.txt").read_text()
+    half = NUM_EXAMPLES // 2
+    assert f"process 0: loading rows [0, {half}) of {NUM_EXAMPLES}" in (tmp_path / "log_2p_0.txt").read_text()
+    assert f"process 1: loading rows [{half}, {NUM_EXAMPLES}) of {NUM_EXAMPLES}" in (
+        tmp_path / "log_2p_1.txt").read_text()
 
     rows_two, rows_one = _numbers(two / "metrics.jsonl"), _numbers(one / "metrics.jsonl")
     # one writer, no duplicates: at each step a row of losses and one of per-class mask statistics

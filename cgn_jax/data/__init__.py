@@ -11,6 +11,7 @@ _LAZY = {
     "get_builder": "cgn_jax.data.builders",
     "prepare": "cgn_jax.data.builders",
     "read_split": "cgn_jax.data.builders",
+    "variant_size": "cgn_jax.data.builders",
     "make_split": "cgn_jax.data.builders",
     "default_data_dir": "cgn_jax.data.builders",
     "load_mnist": "cgn_jax.data.idx",

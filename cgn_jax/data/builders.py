@@ -385,31 +385,59 @@ def prepare(variant: str, **kwargs: Any) -> _MnistVariant:
     return builder
 
 
-def read_split(builder: _MnistVariant, split: str,
-               limit: int | None = None) -> dict[str, np.ndarray]:
-    """The first `limit` (default all) examples of a prepared split, as stacked numpy arrays."""
+def read_split(builder: _MnistVariant, split: str, limit: int | None = None,
+               rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Examples of a prepared split as stacked numpy arrays: the first `limit` (default all),
+    or only rows [start, stop) of those (random access: the other rows are not read)."""
     src = builder.as_data_source(split=split)
     n = len(src) if limit is None else min(int(limit), len(src))
+    start, stop = _check_rows(rows, n)
     keys = list(builder.info.features.keys())
     parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    for s in range(0, n, _CHUNK):
-        examples = src.__getitems__(list(range(s, min(s + _CHUNK, n))))
+    for s in range(start, stop, _CHUNK):
+        examples = src.__getitems__(list(range(s, min(s + _CHUNK, stop))))
         for k in keys:
             parts[k].append(np.stack([np.asarray(ex[k]) for ex in examples]))
     return {k: (np.concatenate(v) if v else np.zeros((0,), np.uint8)).astype(
         np.int64 if k.endswith("label") else np.uint8) for k, v in parts.items()}
 
 
+def _check_rows(rows, n: int) -> tuple[int, int]:
+    if rows is None:
+        return 0, n
+    start, stop = (int(r) for r in rows)
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"rows [{start}, {stop}) are not a non-empty range within the split's {n} examples")
+    return start, stop
+
+
 def load_variant(variant: str, split: str, *, mnist_dir: str | os.PathLike | None = None,
                  textures_dir: str | os.PathLike | None = None,
                  data_dir: str | os.PathLike | None = None, correlation: float = 1.0,
-                 seed: int = 0, limit: int | None = None) -> dict[str, np.ndarray]:
+                 seed: int = 0, limit: int | None = None,
+                 rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """One split of an MNIST variant as numpy arrays, building it first if needed.
 
     Returns {'digit': (N,32,32,1) uint8, 'image': (N,32,32,3) uint8, 'label', 'fg_label',
     'bg_label': (N,) int64}. `limit=N` keeps the first N examples: read from the full build
     when that is on disk, otherwise a small `..._first<N>` build is made (identical prefix).
+    `rows=(start, stop)` reads only those rows of the (limited) split: a host of a
+    multi-host run loads just its shard (`cgn_jax.data.sharding`).
     """
+    builder = _prepared_builder(variant, split, mnist_dir=mnist_dir, textures_dir=textures_dir, data_dir=data_dir,
+                                correlation=correlation, seed=seed, limit=limit)
+    return read_split(builder, split, limit, rows)
+
+
+def variant_size(variant: str, split: str, *, limit: int | None = None, **kwargs) -> int:
+    """Number of examples `load_variant` returns for these arguments (without reading them)."""
+    builder = _prepared_builder(variant, split, limit=limit, **kwargs)
+    n = builder.info.splits[split].num_examples
+    return n if limit is None else min(int(limit), n)
+
+
+def _prepared_builder(variant: str, split: str, *, mnist_dir=None, textures_dir=None, data_dir=None,
+                      correlation: float = 1.0, seed: int = 0, limit: int | None = None) -> _MnistVariant:
     variant = palettes.canonical_variant(variant)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -423,4 +451,4 @@ def load_variant(variant: str, split: str, *, mnist_dir: str | os.PathLike | Non
         log.info("building %s/%s into %s", builder.name, builder.builder_config.name,
                  builder.data_dir)
         builder.download_and_prepare()
-    return read_split(builder, split, limit)
+    return builder

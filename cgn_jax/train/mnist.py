@@ -23,6 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cgn_jax import mask_stats, parallel, sheets
+from cgn_jax.data import sharding
+from cgn_jax.data.sharding import DataShards
 from cgn_jax.checkpoint import save_variables
 from cgn_jax.train import mnist_step as S
 from cgn_jax.train.checkpointing import TrainCheckpoints
@@ -58,9 +60,9 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
         workdir.mkdir(parents=True, exist_ok=True)
         _save_config(config, workdir / "config.json")
 
-    # data, render assets and the frozen VGG16, all on the devices for the whole run
-    ctx, num_examples = step_context(config, devices)
-    steps_per_epoch = num_examples // global_batch
+    # data (this host's rows), render assets and the frozen VGG16, on the devices for the whole run
+    ctx, layout = step_context(config, devices)
+    steps_per_epoch = layout.steps_per_epoch
     num_steps = int(config.train.num_steps) or int(config.train.epochs) * steps_per_epoch
 
     # state: the latest checkpoint if there is one, else step 0
@@ -71,11 +73,12 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
         state, _ = checkpoints.restore(state, start)
         _say(is_main, f"resuming {workdir} from step {start}")
     start = int(state.step)
-    train_step = S.pmap_train_step(config, global_batch, num_examples, chosen)
+    train_step = S.pmap_train_step(config, global_batch, layout, chosen)
     sampler = make_sampler(config)
     logger = MetricsLogger(workdir, enabled=is_main, resume_step=start if start else None)
     _say(is_main, f"training {config.variant} MNIST CGN: {num_steps} steps of global batch {global_batch} "
-                  f"on {len(devices)} device(s), {num_examples} examples ({steps_per_epoch} steps/epoch)")
+                  f"on {len(devices) * jax.process_count()} device(s), {layout.num_examples} examples "
+                  f"({steps_per_epoch} steps/epoch)")
 
     rstate = parallel.replicate(state, devices)
     metrics_sum = parallel.replicate(S.zero_metrics(), devices)
@@ -152,25 +155,41 @@ def check_config(config) -> None:
         raise ValueError("set train.num_steps or train.epochs to a positive number")
 
 
-def step_context(config, devices) -> tuple[S.StepContext, int]:
-    """(the step's constant inputs replicated on `devices`, number of training examples)."""
-    dataset = load_train_data(config)
-    ctx = S.StepContext(data=S.device_dataset(dataset), assets=_render_assets(config), perceptual=_perceptual(config))
-    return parallel.replicate(ctx, devices), int(dataset["label"].shape[0])
+def step_context(config, devices) -> tuple[S.StepContext, DataShards]:
+    """(the step's constant inputs replicated on `devices`, the data layout).
+
+    This host loads only the rows its devices read (`DataShards.host_rows`).
+    """
+    from cgn_jax.data import variant_size
+
+    layout = sharding.resolve(variant_size(config.variant, "train", **_data_args(config)),
+                              int(config.train.batch_size), int(config.dataset.get("shards", 0)))
+    start, stop = layout.host_rows(jax.process_index(), jax.process_count())
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()}: loading rows [{start}, {stop}) of {layout.num_examples} "
+              f"({layout.num_shards} shard(s))", flush=True)
+    dataset = load_train_data(config, rows=(start, stop))
+    ctx = S.StepContext(data=S.device_dataset(dataset), assets=_render_assets(config), perceptual=_perceptual(config),
+                        data_offset=np.int32(start))
+    return parallel.replicate(ctx, devices), layout
 
 
-def load_train_data(config) -> dict[str, np.ndarray]:
-    """The training split of `config.variant` as numpy arrays (see `cgn_jax.data.load_variant`).
+def load_train_data(config, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """The training split of `config.variant` as numpy arrays (see `cgn_jax.data.load_variant`),
+    or only rows [start, stop) of it.
 
     The dataset's own seed (`dataset.seed`, default 0) is not the run's seed: a new run seed
     changes the training randomness, not the benchmark data (and needs no rebuild of them).
     """
     from cgn_jax.data import load_variant
 
+    return load_variant(config.variant, "train", rows=rows, **_data_args(config))
+
+
+def _data_args(config) -> dict:
     d = config.dataset
-    return load_variant(config.variant, "train", mnist_dir=_mnist_dir(d.mnist_dir),
-                        textures_dir=_textures_dir(config), data_dir=d.data_dir or None,
-                        correlation=float(d.correlation), seed=int(d.get("seed", 0)), limit=int(d.limit) or None)
+    return dict(mnist_dir=_mnist_dir(d.mnist_dir), textures_dir=_textures_dir(config), data_dir=d.data_dir or None,
+                correlation=float(d.correlation), seed=int(d.get("seed", 0)), limit=int(d.limit) or None)
 
 
 def _mnist_dir(value: str):

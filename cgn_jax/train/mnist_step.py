@@ -1,10 +1,10 @@
 """One MNIST CGN training step as one compiled program: data, generator update, discriminator update.
 
-Everything a step needs is on the device: the stored dataset (digits and labels,
-replicated), the render assets and the frozen VGG16 weights. The step draws its batch
-indices, renders the images, samples the generator's labels and noise, and runs the
-official update order (generator on D(fake), then discriminator on real and the
-detached fake), so the host only dispatches.
+Everything a step needs is on the device: the stored dataset (digits and labels of the
+rows this host loaded, see `cgn_jax.data.sharding`), the render assets and the frozen
+VGG16 weights. The step draws its batch indices, renders the images, samples the
+generator's labels and noise, and runs the official update order (generator on D(fake),
+then discriminator on real and the detached fake), so the host only dispatches.
 
 Randomness: a step's key is `fold_in(state.key, step)`; each random draw that concerns
 one example (data index, augmentation, generator label, noise, texture crop, dropout
@@ -29,7 +29,8 @@ import optax
 
 from cgn_jax import losses as L
 from cgn_jax.compose import compose, texture_layer
-from cgn_jax.data import render, shuffle
+from cgn_jax.data import render
+from cgn_jax.data.sharding import DataShards
 from cgn_jax.models import discriminators
 from cgn_jax.models import mnist_cgn
 from cgn_jax.parallel import AXIS
@@ -60,9 +61,10 @@ class TrainState:
 class StepContext:
     """The constant device-resident inputs of every step (not donated, not checkpointed)."""
 
-    data: dict       # DATA_FIELDS -> (N, ...) arrays
+    data: dict       # DATA_FIELDS -> (N, ...) arrays: the rows this host loaded
     assets: dict     # `render.make_assets(variant)`
     perceptual: Any  # `cgn_jax.losses.PerceptualLoss` (frozen VGG16 weights)
+    data_offset: Any = 0  # split row of data's first row (`DataShards.host_rows`)
 
 
 def compute_dtype(config) -> Any:
@@ -156,34 +158,36 @@ def generate(generator: mnist_cgn.MnistCGN, variables, y, u, texture_keys, train
 class _StepFns:
     """The pieces of a step, built once per config: batch sampling and the two losses."""
 
-    def __init__(self, config, local_batch: int, num_examples: int, axis_name: str):
+    def __init__(self, config, local_batch: int, data: int | DataShards, axis_name: str):
         self.variant = config.variant
         self.img_size = config.model.img_size
         self.n_classes, self.latent = config.model.n_classes, config.model.latent_dim
         self.mask_weight = float(config.loss.mask)
         self.frame_weight = float(config.loss.get("mask_frame", 0.0))
-        self.local_batch, self.num_examples, self.axis_name = local_batch, num_examples, axis_name
+        self.local_batch, self.data, self.axis_name = local_batch, data, axis_name
         self.generator, self.discriminator = build_models(config, axis_name=axis_name)
         self.g_tx, self.d_tx = make_optimizers(config)
 
     def inputs(self, run_key, step, ctx: StepContext) -> dict:
         """This device's share of step `step`: the rendered real batch, generator labels, noise and keys.
 
-        The data are read epoch by epoch in a fresh permutation (as the official shuffled
-        loader), dropping the last incomplete batch. Only this batch's entries of the
-        permutation are computed (`cgn_jax.data.shuffle`).
+        The data are read epoch by epoch in a fresh random order (as the official shuffled
+        loader), dropping the last incomplete batch; `cgn_jax.data.sharding` says which row
+        each position reads, computing only this batch's entries of the permutation.
         """
         b = self.local_batch
         global_batch = b * jax.lax.psum(1, self.axis_name)
-        steps_per_epoch = self.num_examples // global_batch
+        layout = self.data if isinstance(self.data, DataShards) else DataShards(self.data, 1, global_batch)
+        if layout.global_batch != global_batch:
+            raise ValueError(f"{b} examples on each of {global_batch // b} devices is not the data layout's "
+                             f"global batch {layout.global_batch}")
         ids = jax.lax.axis_index(self.axis_name) * b + jnp.arange(b)
         k_perm, k_steps = jax.random.split(run_key)
         k_aug, k_label, k_noise, k_tex, k_drop_g, k_drop_real, k_drop_fake = jax.random.split(
             jax.random.fold_in(k_steps, step), 7)
 
-        epoch, pos = step // steps_per_epoch, step % steps_per_epoch
-        order = shuffle.index_shuffle(jax.random.fold_in(k_perm, epoch), pos * global_batch + ids, self.num_examples)
-        examples = jax.tree.map(lambda a: a[order], ctx.data)
+        rows = layout.example_index(k_perm, step, ids) - ctx.data_offset
+        examples = jax.tree.map(lambda a: a[rows], ctx.data)
         x_gt = jax.vmap(lambda k, d, f, bg: render.render_batch(
             k, {"digit": d[None], "fg_label": f[None], "bg_label": bg[None]}, ctx.assets, self.variant)[0])(
             _example_keys(k_aug, ids), examples["digit"], examples["fg_label"], examples["bg_label"])
@@ -224,9 +228,13 @@ class _StepFns:
         return L.lsgan_discriminator_loss(real, fake), (stats, terms)
 
 
-def make_train_step(config, local_batch: int, num_examples: int, axis_name: str = AXIS) -> Callable:
-    """The per-device step `(state, metrics_sum, ctx) -> (state, metrics_sum + metrics)`, to pmap."""
-    fns = _StepFns(config, local_batch, num_examples, axis_name)
+def make_train_step(config, local_batch: int, data: int | DataShards, axis_name: str = AXIS) -> Callable:
+    """The per-device step `(state, metrics_sum, ctx) -> (state, metrics_sum + metrics)`, to pmap.
+
+    `data` is the layout of the split (`cgn_jax.data.sharding`); an int N means one shard of
+    N examples, which every host then holds whole.
+    """
+    fns = _StepFns(config, local_batch, data, axis_name)
 
     def step(state: TrainState, metrics_sum: dict, ctx: StepContext):
         inp = fns.inputs(state.key, state.step, ctx)
@@ -254,13 +262,13 @@ def make_train_step(config, local_batch: int, num_examples: int, axis_name: str 
     return step
 
 
-def make_eval_step(config, local_batch: int, num_examples: int, axis_name: str = AXIS) -> Callable:
+def make_eval_step(config, local_batch: int, data: int | DataShards, axis_name: str = AXIS) -> Callable:
     """Per-device `(state, ctx, at_step) -> metrics` of the generator and discriminator losses, no update.
 
     Evaluates the batch, noise and dropout masks of step `at_step` with the current
     parameters, so `at_step` fixed gives the losses on one fixed batch.
     """
-    fns = _StepFns(config, local_batch, num_examples, axis_name)
+    fns = _StepFns(config, local_batch, data, axis_name)
 
     def evaluate(state: TrainState, ctx: StepContext, at_step):
         inp = fns.inputs(state.key, at_step, ctx)
@@ -279,29 +287,30 @@ def _metrics(terms: dict, mask, axis_name: str) -> dict:
     return {k: metrics[k].astype(jnp.float32) for k in METRICS}
 
 
-def _local_batch(global_batch: int, num_examples: int, devices) -> int:
+def _local_batch(global_batch: int, data: int | DataShards, devices) -> tuple[int, DataShards]:
     from cgn_jax.parallel import per_device_batch
 
     local = per_device_batch(global_batch, len(devices) * jax.process_count())
-    if num_examples < global_batch:
-        raise ValueError(f"the training set has {num_examples} examples, fewer than one global batch "
-                         f"({global_batch}); lower train.batch_size or raise dataset.limit")
-    return local
+    if isinstance(data, DataShards):
+        if data.global_batch != global_batch:
+            raise ValueError(f"the data layout is for global batch {data.global_batch}, not {global_batch}")
+        return local, data
+    return local, DataShards(int(data), 1, global_batch)
 
 
-def pmap_train_step(config, global_batch: int, num_examples: int, devices: Sequence | None = None):
+def pmap_train_step(config, global_batch: int, data: int | DataShards, devices: Sequence | None = None):
     """The compiled step over `devices` (default: all local ones); state and metrics are donated.
 
     Raises `parallel.BatchSplitError` if the global batch does not split over the devices.
     """
-    local = _local_batch(global_batch, num_examples, devices if devices is not None else jax.local_devices())
-    step = make_train_step(config, local, num_examples)
+    local, data = _local_batch(global_batch, data, devices if devices is not None else jax.local_devices())
+    step = make_train_step(config, local, data)
     return jax.pmap(step, axis_name=AXIS, devices=list(devices) if devices is not None else None,
                     donate_argnums=(0, 1))
 
 
-def pmap_eval_step(config, global_batch: int, num_examples: int, devices: Sequence | None = None):
+def pmap_eval_step(config, global_batch: int, data: int | DataShards, devices: Sequence | None = None):
     """`make_eval_step` compiled over `devices`; `at_step` is a replicated int32."""
-    local = _local_batch(global_batch, num_examples, devices if devices is not None else jax.local_devices())
-    evaluate = make_eval_step(config, local, num_examples)
+    local, data = _local_batch(global_batch, data, devices if devices is not None else jax.local_devices())
+    evaluate = make_eval_step(config, local, data)
     return jax.pmap(evaluate, axis_name=AXIS, devices=list(devices) if devices is not None else None)
