@@ -34,6 +34,19 @@ def test_counterfactuals_share_the_mask_of_their_shape(colored):
     assert len(np.unique(np.asarray(out["texture_label"]))) > 3
 
 
+def test_mapping_and_vmapping_over_counterfactuals_give_the_same_images(colored):
+    model, variables = colored
+    key = jax.random.PRNGKey(5)
+    seq = sample_counterfactuals(model, variables, key, 6, 4, as_uint8=False, loop="map")
+    vec = sample_counterfactuals(model, variables, key, 6, 4, as_uint8=False, loop="vmap")
+    for k in ("shape_label", "texture_label", "background_label"):
+        np.testing.assert_array_equal(seq[k], vec[k], err_msg=k)
+    np.testing.assert_allclose(seq["image"], vec["image"], atol=2e-5)
+    assert float(np.std(np.asarray(seq["image"]))) > 0.1  # real images, not two arrays of zeros
+    with pytest.raises(ValueError, match="counterfactual loop"):
+        sample_counterfactuals(model, variables, key, 6, 4, loop="scan")
+
+
 def test_counterfactual_mask_matches_the_shape_mechanism(colored):
     model, variables = colored
     key = jax.random.PRNGKey(3)
