@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import os
-from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

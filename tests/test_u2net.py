@@ -9,7 +9,6 @@ first validated against the golden file.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
