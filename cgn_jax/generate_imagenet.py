@@ -12,6 +12,11 @@ classes), `best_classes` (the official lists of classes that make good masks, te
 and backgrounds), `fixed_classes` (`--classes SHAPE TEXTURE BACKGROUND`).
 Interpolations blend one-hot class vectors of one mechanism (`shape`, `texture`,
 `background`) or of all three, with the noise fixed, as the official `interp_sheet`.
+
+Generation is the official eval mode, where spectral norm uses the stored u, v without
+a power iteration. Mechanisms trained with `model.spectral_norm=power_iteration` are
+therefore folded once on loading (`fold_spectral_norm`: each kernel divided by its
+eval-mode sigma) and generated with the same folded model as every other run.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cgn_jax.models import imagenet_cgn as M
+from cgn_jax.models.biggan import FOLDED, POWER_ITERATION, SPECTRAL, fold_spectral_norm
 
 # Official generate_data.py class lists (classes that make good masks / textures / backgrounds).
 MASKS = (9, 18, 22, 35, 56, 63, 96, 97, 119, 207, 225, 260, 275, 323, 330, 350, 370, 403, 411, 414, 427, 438, 439,
@@ -56,11 +62,13 @@ def load_cgn(checkpoint: str | Path | None, config):
 
     With no checkpoint the mechanisms are the (pretrained or random) BigGAN of the config:
     the untrained CGN. Frozen networks come from the sources recorded at training time,
-    unless the config names others (`--config.model.biggan=DIR` etc.).
+    unless the config names others (`--config.model.biggan=DIR` etc.). Power-iteration
+    mechanisms (an export whose meta says so, or `model.spectral_norm` without a
+    checkpoint) come back folded, for the folded model returned (eval mode).
     """
     from cgn_jax.checkpoint import read_meta, restore_variables
 
-    meta, params = {}, None
+    meta, params, spectral = {}, None, None
     if checkpoint:
         path = Path(checkpoint)
         if (path / "cgn" / "meta.json").is_file():
@@ -70,13 +78,18 @@ def load_cgn(checkpoint: str | Path | None, config):
             raise FileNotFoundError(f"{path} is not an ImageNet CGN export (a `cgn-jax train` workdir or its cgn/ dir)")
         model_config = _model_config_from(meta, config)
         biggan_config, nets, _ = M.load_networks(model_config, int(meta.get("seed", config.seed)))
-        params = restore_variables(path)["params"]
+        restored = restore_variables(path)
+        params, spectral = restored["params"], restored.get(SPECTRAL)
+        if meta.get("spectral_norm", FOLDED) == POWER_ITERATION and spectral is None:
+            raise FileNotFoundError(f"{path}: meta.json says spectral_norm=power_iteration but it holds no u, v")
     else:
         biggan_config, nets, _ = M.load_networks(config.model, int(config.seed))
+        params, spectral = M.initial_mechanisms(config.model, nets, int(config.seed))
     model = M.ImageNetCGN(biggan_config=biggan_config, u2net_variant=config.model.u2net_variant,
                           dtype=jnp.dtype(config.train.compute_dtype))
-    if params is None:
-        params = M.initial_params(nets)
+    if spectral is not None:
+        params = {name: fold_spectral_norm({"params": params[name], SPECTRAL: spectral[name]})["params"]
+                  for name in M.MECHANISMS}
     return model, params, nets, meta
 
 
@@ -96,6 +109,7 @@ def _model_config_from(meta: dict, config):
     if "biggan_config" in meta and mc.biggan == M.RANDOM:
         mc.arch = dict(meta["biggan_config"])
     mc.u2net_variant = meta.get("u2net_variant", mc.u2net_variant)
+    mc.spectral_norm = meta.get("spectral_norm", FOLDED)  # how the frozen networks were made for this run
     return mc
 
 

@@ -8,7 +8,10 @@
 * "tiny": a 64x64 BigGAN-deep with 4 base channels and 16 classes, U2-Net-P, random
   weights, a small effective batch: for tests and CPU smoke runs.
 
-Options can be combined with commas, e.g. "random,bf16,remat".
+Options can be combined with commas, e.g. "random,bf16,remat". "sn_power" sets
+`model.spectral_norm="power_iteration"`: the mechanisms train the official way, with
+torch's spectral norm power iteration on the unnormalised weights (default "folded":
+sigma folded into the weights; see cgn_jax/models/biggan.py).
 """
 
 import ml_collections
@@ -25,10 +28,10 @@ TINY_ARCH = dict(output_dim=64, channel_width=4, num_classes=16, z_dim=128, clas
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     options = {o.strip() for o in arg.split(",") if o.strip()}
-    unknown = options - {"random", "tiny", "bf16", "remat"}
+    unknown = options - {"random", "tiny", "bf16", "remat", "sn_power"}
     if unknown:
-        raise ValueError(f"unknown imagenet config option(s) {sorted(unknown)}; valid: random, tiny, bf16, remat "
-                         "(comma-separated), or '' for the paper's setup")
+        raise ValueError(f"unknown imagenet config option(s) {sorted(unknown)}; valid: random, tiny, bf16, remat, "
+                         "sn_power (comma-separated), or '' for the paper's setup")
     tiny = "tiny" in options
     random = tiny or "random" in options
 
@@ -45,6 +48,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.arch = ml_collections.ConfigDict(TINY_ARCH if tiny else dict(output_dim=256))
     c.model.truncation = 1.0                      # official train_cgn.py --truncation default
     c.model.remat = "remat" in options            # recompute BigGAN blocks / U2-Net in the backward pass
+    # mechanisms' spectral norm: "folded" (1/sigma folded into the weights, Adam on those) or
+    # "power_iteration" (the official train mode: W_orig / sigma, one power iteration per step)
+    c.model.spectral_norm = "power_iteration" if "sn_power" in options else "folded"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.l1 = L1

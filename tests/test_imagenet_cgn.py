@@ -85,6 +85,11 @@ def test_config_has_official_weights_and_lrs():
     assert r.train.compute_dtype == "bfloat16" and r.model.remat
     with pytest.raises(ValueError, match="unknown imagenet config option"):
         get_config("huge")
+    assert c.model.spectral_norm == "folded" and get_config("tiny,sn_power").model.spectral_norm == "power_iteration"
+    bad = get_config("tiny")
+    bad.model.spectral_norm = "power"
+    with pytest.raises(ValueError, match="power_iteration"):
+        T.check_config(bad)
 
 
 def test_accumulation_steps_and_errors():
@@ -197,6 +202,55 @@ def test_remat_biggan_matches_plain(tiny_model):
     np.testing.assert_array_equal(np.asarray(f(model)), np.asarray(f(remat)))
 
 
+def sn_config(**train):
+    config = tiny_config(**train)
+    config.model.spectral_norm = "power_iteration"
+    return config
+
+
+def test_power_iteration_mechanisms_start_as_x_gt_and_update_uv():
+    """The frozen x_gt BigGAN is the fold of the mechanisms' start: equal in eval mode; train mode iterates."""
+    config = sn_config()
+    biggan_config, nets, _ = M.load_networks(config.model, 0)
+    model = M.from_config(config.model, biggan_config)
+    assert model.power_iteration and model.gt_biggan.spectral_norm == "folded"
+    params, spectral = M.initial_mechanisms(config.model, nets, 0)
+    assert set(params) == set(spectral) == set(M.MECHANISMS)
+    assert params["shape"]["conv_to_rgb"]["kernel"].shape == (3, 3, 4, 4)  # all outputs: sigma of the full matrix
+    assert nets["biggan"]["params"]["conv_to_rgb"]["kernel"].shape == (3, 3, 4, 3)
+    u = model.sample_noise(jax.random.PRNGKey(0), 2, 1.0)
+    y = jnp.array([1, 5])
+    ts = model.stats(1.0)
+
+    @jax.jit
+    def run(p, s):
+        gt = model.generate_gt(nets, u, y, ts)
+        ev = model.generate(p, nets, u, y, ts, s)
+        tr, new = model.generate(p, nets, u, y, ts, s, update_spectral=True)
+        return gt, ev, tr, new
+
+    gt, ev, tr, new = run(params["shape"], spectral["shape"])
+    assert np.isfinite(np.asarray(tr)).all() and np.asarray(gt).std() > 0.05
+    np.testing.assert_allclose(ev, gt, atol=1e-5)
+    changed = [float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(new),
+                                                                      jax.tree.leaves(spectral["shape"]))]
+    assert max(changed) > 1e-3
+    with pytest.raises(ValueError, match="spectral"):
+        model.generate(params["shape"], nets, u, y, ts)
+
+
+def test_resuming_across_spectral_norm_modes_is_refused(tmp_path):
+    from cgn_jax.checkpoint import CheckpointMismatchError
+    from cgn_jax.train.checkpointing import TrainCheckpoints
+
+    config = tiny_config()
+    spec, frozen, _ = T.build(config, one_device())
+    with TrainCheckpoints(tmp_path / "run" / "checkpoints") as ckpt:  # a folded run's checkpoint
+        ckpt.save(2, S.init_state(config, M.initial_params(frozen.nets), spec.accum), {"accum": spec.accum})
+    with pytest.raises(CheckpointMismatchError, match="spectral_norm=power_iteration"):
+        T.train(sn_config(), tmp_path / "run", devices=one_device(), progress=False)
+
+
 # ---------------------------------------------------------------------------- training
 
 def _run_updates(config, rstate, rfrozen, spec, devices, n, fixed_batch=False):
@@ -292,6 +346,60 @@ def test_generate_dataset_sheets_and_interpolation(trained_workdir, tmp_path):
     assert fixed.tolist() == [[1, 2, 3]] * 3
 
 
+def _restored_state(workdir, config):
+    """The latest checkpoint of `workdir` as a host SpectralTrainState."""
+    from cgn_jax.train.checkpointing import TrainCheckpoints
+
+    spec, frozen, _ = T.build(config, one_device())
+    params, spectral = M.initial_mechanisms(config.model, frozen.nets, 0)
+    template = S.init_state(config, params, spec.accum, spectral)
+    with TrainCheckpoints(Path(workdir) / "checkpoints") as ckpt:
+        state, meta = ckpt.restore(template)
+    return template, state, meta
+
+
+@pytest.mark.slow
+def test_power_iteration_training_resumes_exactly_and_generates(tmp_path):
+    """model.spectral_norm=power_iteration: two updates (accumulation 2) straight vs one, resume, one."""
+    from argparse import Namespace
+
+    from cgn_jax import generate_imagenet as G
+    from cgn_jax.checkpoint import restore_variables
+
+    config = sn_config(num_steps=2, checkpoint_every=0, log_every=1)
+    T.train(config, tmp_path / "straight", devices=one_device(), progress=False)
+    T.train(sn_config(num_steps=1, checkpoint_every=0, log_every=1), tmp_path / "resumed", devices=one_device(),
+            progress=False)
+    result = T.train(config, tmp_path / "resumed", devices=one_device(), progress=False)
+    assert result.status == "completed" and result.micro_step == 4
+    init, straight, meta = _restored_state(tmp_path / "straight", config)
+    _, resumed, _ = _restored_state(tmp_path / "resumed", config)
+    assert isinstance(straight, S.SpectralTrainState) and meta["spectral_norm"] == "power_iteration"
+    for x, y in zip(jax.tree.leaves((straight.params, straight.spectral, straight.opt_state)),
+                    jax.tree.leaves((resumed.params, resumed.spectral, resumed.opt_state))):
+        np.testing.assert_array_equal(x, y)
+    # u, v moved (4 micro-steps = 4 power iterations) and stay unit vectors; params moved too
+    moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(straight.spectral),
+                                                        jax.tree.leaves(init.spectral))]
+    assert min(moved) > 0 and max(moved) > 1e-3
+    assert all(abs(np.linalg.norm(x) - 1) < 1e-5 for x in jax.tree.leaves(straight.spectral))
+    assert not np.array_equal(straight.params["shape"]["gen_z"]["kernel"], init.params["shape"]["gen_z"]["kernel"])
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(np.isfinite(r["g_loss"]) for r in records)
+    rec = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["g_loss"] for r in rec], [r["g_loss"] for r in records], rtol=1e-6)
+    # the export holds u, v; generation folds them (eval mode)
+    export = restore_variables(tmp_path / "straight" / "cgn")
+    jax.tree.map(np.testing.assert_array_equal, export["spectral"], straight.spectral)
+    args = Namespace(checkpoint=str(tmp_path / "straight"), out=str(tmp_path / "gen"), sheet=True, dataset=False,
+                     num_images=None, batch_size=4, seed=0, mode="random", classes=None, run_name="t",
+                     truncation=None, interp="", interp_cls=-1, midpoints=None, gif=False, gif_frames=4)
+    assert G.run(args, tiny_config()) == 0
+    assert (tmp_path / "gen" / "class_sheet.png").is_file()
+    model, params, nets, _ = G.load_cgn(tmp_path / "straight", tiny_config())
+    assert params["shape"]["conv_to_rgb"]["kernel"].shape == (3, 3, 4, 3)  # folded
+
+
 # ---------------------------------------------------------------------------- devices and accumulation
 
 def _adam_first_moments(opt_state):
@@ -354,6 +462,41 @@ def test_accumulation_and_eight_devices_match_one(tmp_path):
             assert (np.abs(g_big[flipped]) <= 1e-4 * scale).all(), (other, i, np.abs(g_big[flipped]).max() / scale)
 
 
+def _sn_worker(out: str) -> None:
+    """Subprocess body: one power-iteration micro-step on 2 devices; every replica's state to `out`."""
+    devices = jax.local_devices()[:2]
+    assert len(devices) == 2, devices
+    config = sn_config(per_device_batch=1, effective_batch=4)  # accumulation 2: a micro-step, no update yet
+    spec, frozen, _ = T.build(config, devices)
+    params, spectral = M.initial_mechanisms(config.model, frozen.nets, 0)
+    state = S.init_state(config, params, spec.accum, spectral)
+    rstate = parallel.replicate(state, devices)
+    step = T.train_step_fn(config, spec, devices)
+    for _ in range(2):  # the second micro-step applies the first update
+        rstate, _ = step(rstate, parallel.replicate(S.zero_metrics(), devices), parallel.replicate(frozen, devices))
+    res = {}
+    for what, tree in (("spectral", rstate.spectral), ("params", rstate.params), ("init", state.spectral)):
+        res.update({f"{what}/{i}": np.asarray(jax.device_get(x)) for i, x in enumerate(jax.tree.leaves(tree))})
+    np.savez(out, **res)
+
+
+@pytest.mark.slow
+def test_power_iteration_state_stays_identical_across_devices(tmp_path):
+    out = tmp_path / "sn.npz"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, __file__, "sn_worker", str(out)], env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = np.load(out)
+    spectral = [k for k in res.files if k.startswith("spectral/")]
+    params = [k for k in res.files if k.startswith("params/")]
+    assert spectral and params
+    for k in spectral + params:
+        assert res[k].shape[0] == 2
+        np.testing.assert_array_equal(res[k][0], res[k][1], err_msg=k)  # replicas agree bit for bit
+    assert max(np.abs(res[k][0] - res[k.replace("spectral", "init")]).max() for k in spectral) > 1e-3
+
+
 @pytest.mark.slow
 def test_training_sample_sheet_and_remat_gradients(tmp_path, tiny_model):
     model, nets, _ = tiny_model
@@ -373,3 +516,5 @@ def test_training_sample_sheet_and_remat_gradients(tmp_path, tiny_model):
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
     _worker(sys.argv[2])
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "sn_worker":
+    _sn_worker(sys.argv[2])

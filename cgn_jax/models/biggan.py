@@ -13,12 +13,27 @@ number for number, quirks included:
   picks (almost) the *next* set. `truncation_stats` reproduces this on the host in
   float64 and hands the model two indices and two weights as arrays, so a jitted
   model can take any truncation without recompiling.
-* Spectral norm is not part of this module: in inference the reference divides each
-  weight by `sigma = u . (W v)` computed from its stored `u` and `v` (no power
-  iteration); the converter folds that division into the weights
-  (`cgn_jax.port.biggan`), so the Flax model holds plain, already-normalised weights.
+* Spectral norm (every conv and linear except the class embedding) has two modes,
+  `BigGANDeep.spectral_norm`:
+  - "folded" (default): in eval mode the reference divides each weight by
+    `sigma = u . (W v)` from its stored `u` and `v` (no power iteration); the converter
+    folds that division into the weights (`cgn_jax.port.biggan`), so the model holds
+    plain, already-normalised weights. Exact for inference and for the frozen x_gt
+    BigGAN, but training these weights is not training the reference's parametrisation.
+  - "power_iteration": what the official CGN trains (`torch.nn.utils.spectral_norm`,
+    eps = config.eps). Each layer holds its unnormalised `kernel` (param, same path as
+    in folded mode) and `u` (out,), `v` (kernel.shape[:-1], i.e. torch's `v` in Flax's
+    (kh, kw, in) order) in the "spectral" collection, and uses `W / sigma`. With
+    `train=True` (and "spectral" mutable) it first does one power iteration under
+    stop_gradient, `v = normalize(W^T u)`, `u = normalize(W v)` (normalize divides by
+    max(norm, eps)), returns the new u, v, and gradients flow through `W` in both `W`
+    and `sigma`; otherwise it uses the stored u, v (torch's eval mode). sigma and the
+    power iteration are float32 whatever the compute dtype.
 * `conv_to_rgb` has `channel_width` outputs of which only the first 3 are used; the
-  port keeps just those 3 (the same numbers for 1/40th of the last conv's work).
+  folded port keeps just those 3 (the same numbers for 1/40th of the last conv's work).
+  In power-iteration mode the kernel keeps all `channel_width` outputs, because sigma is
+  the norm of the whole matrix (the unused outputs still get gradients through sigma);
+  only the first 3 are convolved, and the bias has 3 entries.
 
 Parameters are float32; `dtype` selects the compute dtype (BN statistics and the
 attention softmax stay in float32).
@@ -28,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import chex
@@ -154,6 +170,115 @@ def upsample2x(x: jax.Array) -> jax.Array:
     return einops.repeat(x, "n h w c -> n (h a) (w b) c", a=2, b=2)
 
 
+FOLDED, POWER_ITERATION = "folded", "power_iteration"
+SPECTRAL_NORM_MODES = (FOLDED, POWER_ITERATION)
+SPECTRAL = "spectral"  # the variable collection holding each layer's u, v in power-iteration mode
+_HIGHEST = jax.lax.Precision.HIGHEST  # sigma and the power iteration in full float32 (no TF32 on GPUs)
+
+
+def check_spectral_norm(mode: str) -> str:
+    if mode not in SPECTRAL_NORM_MODES:
+        raise ValueError(f"unknown spectral norm mode {mode!r}; valid: {', '.join(SPECTRAL_NORM_MODES)}")
+    return mode
+
+
+def _l2_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """torch's `F.normalize(x, dim=0, eps=eps)` of the whole array: x / max(||x||, eps)."""
+    return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x)), eps)
+
+
+def _w_v(kernel: jax.Array, v: jax.Array) -> jax.Array:
+    """`W_mat @ v` (out,) for a Flax kernel (..., out) and `v` shaped kernel.shape[:-1]."""
+    return jnp.tensordot(v, kernel, axes=v.ndim, precision=_HIGHEST)
+
+
+def _wt_u(kernel: jax.Array, u: jax.Array) -> jax.Array:
+    """`W_mat^T @ u`, shaped kernel.shape[:-1]."""
+    return jnp.tensordot(kernel, u, axes=1, precision=_HIGHEST)
+
+
+def _random_unit(key: jax.Array, shape, eps: float) -> jax.Array:
+    return _l2_normalize(jax.random.normal(key, shape, jnp.float32), eps)
+
+
+def spectral_normalize(module: nn.Module, kernel: jax.Array, eps: float, update: bool) -> jax.Array:
+    """`kernel / sigma` with torch's spectral norm state (`u`, `v` in the "spectral" collection of `module`).
+
+    `update`: one power iteration first (torch's train mode), storing the new u, v.
+    Gradients flow through `kernel` only (u, v are constants, as under torch's no_grad).
+    """
+    kernel = kernel.astype(jnp.float32)
+    u_var = module.variable(SPECTRAL, "u", lambda: _random_unit(module.make_rng("params"), kernel.shape[-1:], eps))
+    v_var = module.variable(SPECTRAL, "v", lambda: _random_unit(module.make_rng("params"), kernel.shape[:-1], eps))
+    u, v = u_var.value, v_var.value
+    if update:
+        w = jax.lax.stop_gradient(kernel)
+        v = _l2_normalize(_wt_u(w, u), eps)
+        u = _l2_normalize(_w_v(w, v), eps)
+        u_var.value, v_var.value = u, v
+    u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
+    sigma = jnp.dot(u, _w_v(kernel, v), precision=_HIGHEST)
+    return kernel / sigma
+
+
+class SNDense(nn.Module):
+    """Dense layer with torch-style spectral norm (see `spectral_normalize`); `kernel` (in, out)."""
+
+    features: int
+    eps: float
+    update: bool = False
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
+        w = spectral_normalize(self, kernel, self.eps, self.update)
+        y = jax.lax.dot_general(x.astype(self.dtype), w.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        return y
+
+
+class SNConv(nn.Module):
+    """Stride-1 'same' conv with torch-style spectral norm; `kernel` (k, k, in, features).
+
+    `keep_out`: convolve with only the first `keep_out` outputs (sigma still over all of them).
+    """
+
+    features: int
+    kernel_size: int
+    eps: float
+    update: bool = False
+    use_bias: bool = True
+    keep_out: int | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
+        n_out = self.keep_out or self.features
+        w = spectral_normalize(self, kernel, self.eps, self.update)[..., :n_out]
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), w.astype(self.dtype), (1, 1), [(k // 2, k // 2)] * 2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (n_out,), jnp.float32).astype(self.dtype)
+        return y
+
+
+def _dense(features, name, sn, eps, update, use_bias=True, dtype=None):
+    if sn == FOLDED:
+        return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)
+    return SNDense(features, eps, update, use_bias, dtype or jnp.float32, name=name)
+
+
+def _conv(features, k, name, sn, eps, update, use_bias=True, dtype=jnp.float32, keep_out=None):
+    if sn == FOLDED:
+        return nn.Conv(keep_out or features, (k, k), padding=k // 2, use_bias=use_bias, dtype=dtype, name=name)
+    return SNConv(features, k, eps, update, use_bias, keep_out, dtype, name=name)
+
+
 def _mix_stats(stats: jax.Array, ts: TruncationStats) -> jax.Array:
     rows = jnp.take(stats, ts.index, axis=0)  # (2, C)
     return rows[0] * ts.weight[0] + rows[1] * ts.weight[1]
@@ -166,14 +291,18 @@ class ConditionalBatchNorm(nn.Module):
     eps: float
     n_stats: int
     dtype: Any = jnp.float32
+    spectral_norm: str = FOLDED
+    update_sn: bool = False
 
     @nn.compact
     def __call__(self, x, cond, ts: TruncationStats):
         means = self.variable("batch_stats", "running_means", jnp.zeros, (self.n_stats, self.features))
         variances = self.variable("batch_stats", "running_vars", jnp.ones, (self.n_stats, self.features))
         mean, var = _mix_stats(means.value, ts), _mix_stats(variances.value, ts)
-        gain = 1.0 + nn.Dense(self.features, use_bias=False, name="scale")(cond.astype(jnp.float32))
-        bias = nn.Dense(self.features, use_bias=False, name="offset")(cond.astype(jnp.float32))
+        dense = lambda name: _dense(self.features, name, self.spectral_norm, self.eps, self.update_sn,  # noqa: E731
+                                    use_bias=False)
+        gain = 1.0 + dense("scale")(cond.astype(jnp.float32))
+        bias = dense("offset")(cond.astype(jnp.float32))
         # (x - mean) / sqrt(var + eps) * gain + bias, folded into one per-sample multiply-add.
         a = gain * jax.lax.rsqrt(var + self.eps)  # (N, C)
         b = bias - mean * a
@@ -190,12 +319,15 @@ class GenBlock(nn.Module):
     n_stats: int
     reduction_factor: int = 4
     dtype: Any = jnp.float32
+    spectral_norm: str = FOLDED
+    update_sn: bool = False
 
     @nn.compact
     def __call__(self, x, cond, ts):
         mid = self.in_size // self.reduction_factor
-        bn = lambda c, name: ConditionalBatchNorm(c, self.eps, self.n_stats, self.dtype, name=name)
-        conv = lambda c, k, name: nn.Conv(c, (k, k), padding=k // 2, dtype=self.dtype, name=name)
+        sn, up = self.spectral_norm, self.update_sn
+        bn = lambda c, name: ConditionalBatchNorm(c, self.eps, self.n_stats, self.dtype, sn, up, name=name)
+        conv = lambda c, k, name: _conv(c, k, name, sn, self.eps, up, dtype=self.dtype)
         h = conv(mid, 1, "conv_0")(nn.relu(bn(self.in_size, "bn_0")(x, cond, ts)))
         h = nn.relu(bn(mid, "bn_1")(h, cond, ts))
         if self.up_sample:
@@ -216,11 +348,18 @@ class SelfAttention(nn.Module):
 
     channels: int
     dtype: Any = jnp.float32
+    spectral_norm: str = FOLDED
+    eps: float = 1e-4
+    update_sn: bool = False
 
     @nn.compact
     def __call__(self, x):
         c = self.channels
-        conv = lambda f, name: nn.Conv(f, (1, 1), use_bias=False, dtype=self.dtype, name=name)
+        if self.spectral_norm == FOLDED:
+            conv = lambda f, name: nn.Conv(f, (1, 1), use_bias=False, dtype=self.dtype, name=name)
+        else:
+            conv = lambda f, name: SNConv(f, 1, self.eps, self.update_sn, use_bias=False, dtype=self.dtype,
+                                          name=name)
         pool = lambda t: nn.max_pool(t, (2, 2), strides=(2, 2))
         n, h, w, _ = x.shape
         theta = einops.rearrange(conv(c // 8, "snconv1x1_theta")(x), "n h w c -> n (h w) c")
@@ -239,11 +378,14 @@ class BigGANDeep(nn.Module):
 
     Submodule names follow the PyTorch state dict (`layers_<i>` is `generator.layers.<i>`,
     the attention layer taking its own index), so the converter is a plain renaming.
+    `spectral_norm`: "folded" or "power_iteration" (see the module docstring); the latter
+    adds the "spectral" collection (u, v per layer) and keeps conv_to_rgb's full kernel.
     """
 
     config: BigGANConfig = BigGANConfig()
     dtype: Any = jnp.float32
     remat: bool = False  # rematerialise each GenBlock in the backward pass (same parameters and outputs)
+    spectral_norm: str = FOLDED
 
     def stats(self, truncation: float) -> TruncationStats:
         return truncation_stats(truncation, self.config.n_stats)
@@ -253,10 +395,13 @@ class BigGANDeep(nn.Module):
         """`class_vector`: (N, num_classes) one-hot or soft, or (N,) integer labels.
 
         `truncation`: a Python float in (0, 1] or a `TruncationStats` (e.g. from
-        `model.stats(t)`), the latter traceable. `train` changes nothing: the reference
-        BN always uses its stored statistics and spectral norm is folded into the weights.
+        `model.stats(t)`), the latter traceable. The reference BN always uses its stored
+        statistics, so `train` only matters in power-iteration mode: one power iteration per
+        spectrally normalised layer, whose new u, v come back through
+        `apply(..., mutable=["spectral"])` (torch's train mode). Folded mode ignores it.
         """
-        del train
+        sn = check_spectral_norm(self.spectral_norm)
+        update = bool(train) and sn == POWER_ITERATION
         cfg = self.config
         if isinstance(truncation, TruncationStats):
             ts = truncation
@@ -279,7 +424,7 @@ class BigGANDeep(nn.Module):
         ch = cfg.channel_width
         embed = nn.Dense(cfg.z_dim, use_bias=False, dtype=self.dtype, name="embeddings")(class_vector)
         cond = jnp.concatenate([z.astype(self.dtype), embed.astype(self.dtype)], axis=-1)
-        h = nn.Dense(4 * 4 * 16 * ch, dtype=self.dtype, name="gen_z")(cond)
+        h = _dense(4 * 4 * 16 * ch, "gen_z", sn, cfg.eps, update, dtype=self.dtype)(cond)
         # The TF-derived gen_z output is laid out (h, w, c): already NHWC.
         h = einops.rearrange(h, "n (h w c) -> n h w c", h=4, w=4)
 
@@ -288,14 +433,15 @@ class BigGANDeep(nn.Module):
         index = 0
         for i, (up, cin, cout) in enumerate(cfg.layers):
             if i == cfg.attention_layer_position:
-                h = SelfAttention(ch * cin, dtype=self.dtype, name=f"layers_{index}")(h)
+                h = SelfAttention(ch * cin, dtype=self.dtype, spectral_norm=sn, eps=cfg.eps, update_sn=update,
+                                  name=f"layers_{index}")(h)
                 index += 1
-            h = block(ch * cin, ch * cout, up, cfg.eps, cfg.n_stats, dtype=self.dtype,
-                      name=f"layers_{index}")(h, cond, ts)
+            h = block(ch * cin, ch * cout, up, cfg.eps, cfg.n_stats, dtype=self.dtype, spectral_norm=sn,
+                      update_sn=update, name=f"layers_{index}")(h, cond, ts)
             index += 1
 
         h = _FinalBatchNorm(ch, cfg.eps, cfg.n_stats, self.dtype, name="bn")(h, ts)
-        h = nn.Conv(3, (3, 3), padding=1, dtype=self.dtype, name="conv_to_rgb")(nn.relu(h))
+        h = _conv(ch, 3, "conv_to_rgb", sn, cfg.eps, update, dtype=self.dtype, keep_out=3)(nn.relu(h))
         out = jnp.tanh(h.astype(jnp.float32))
         chex.assert_shape(out, (n, cfg.output_dim, cfg.output_dim, 3))
         return out
@@ -325,3 +471,79 @@ class _FinalBatchNorm(nn.Module):
         a = scale * jax.lax.rsqrt(var + self.eps)
         b = bias - mean * a
         return x * a.astype(self.dtype) + b.astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------- host-side spectral norm helpers
+
+def spectral_layers(spectral) -> dict[tuple, dict]:
+    """{path of a spectrally normalised layer (tuple of names): its {"u", "v"}} from a "spectral" tree."""
+    found = {}
+
+    def walk(node, path):
+        if not isinstance(node, Mapping):
+            raise ValueError(f"spectral tree: {'/'.join(path)} is a leaf outside a layer's u, v")
+        if "u" in node and not isinstance(node["u"], Mapping):
+            found[path] = node
+            return
+        for name, child in node.items():
+            walk(child, (*path, name))
+
+    walk(spectral, ())
+    return found
+
+
+def _copy_tree(tree):
+    return {k: _copy_tree(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def _get(tree, path):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def fold_spectral_norm(variables) -> dict:
+    """Power-iteration variables -> folded ones: each kernel divided by its eval-mode sigma.
+
+    `variables` has "params" and "spectral" (any other collection, e.g. "batch_stats",
+    passes through). sigma = u . (W v) from the stored u, v, in float64 on the host, as
+    the converter folds the pretrained weights; conv_to_rgb keeps its first 3 outputs.
+    This is exactly what the reference computes in eval mode, so a folded `BigGANDeep`
+    with the result gives the power-iteration model's `train=False` output.
+    """
+    variables = dict(variables)
+    spectral = variables.pop(SPECTRAL)
+    params = _copy_tree(variables["params"])
+    for path, uv in spectral_layers(spectral).items():
+        layer = _get(params, path)
+        kernel = np.asarray(layer["kernel"], np.float64)
+        u, v = np.asarray(uv["u"], np.float64), np.asarray(uv["v"], np.float64)
+        sigma = float(u @ np.tensordot(v, kernel, axes=v.ndim))
+        folded = (kernel / sigma).astype(np.float32)
+        if path[-1] == "conv_to_rgb":
+            folded = np.ascontiguousarray(folded[..., :3])
+        layer["kernel"] = folded
+    variables["params"] = params
+    return variables
+
+
+def power_iterate_host(variables, eps: float, steps: int = 1) -> dict:
+    """`steps` power iterations of every layer's u, v on the host (float64, stored as float32).
+
+    Random u, v (as torch draws them) make the eval-mode sigma = u . (W v) a random
+    number near 0; one iteration leaves what torch's first train-mode forward leaves,
+    with sigma = ||W v|| > 0. Used for random-weight models only.
+    """
+    variables = dict(variables)
+    spectral = _copy_tree(variables[SPECTRAL])
+    for path, uv in spectral_layers(spectral).items():
+        kernel = np.asarray(_get(variables["params"], path)["kernel"], np.float64)
+        u, v = np.asarray(uv["u"], np.float64), np.asarray(uv["v"], np.float64)
+        for _ in range(steps):
+            v = np.tensordot(kernel, u, axes=1)
+            v = v / max(np.linalg.norm(v), eps)
+            u = np.tensordot(v, kernel, axes=v.ndim)
+            u = u / max(np.linalg.norm(u), eps)
+        uv["u"], uv["v"] = u.astype(np.float32), v.astype(np.float32)
+    variables[SPECTRAL] = spectral
+    return variables

@@ -19,6 +19,15 @@ treated differently everywhere that matters:
 `remat` recomputes activations in the backward pass instead of storing them: per
 GenBlock for the BigGANs (`BigGANDeep(remat=True)`) and for the whole U2-Net call. It changes
 memory, not results.
+
+`spectral_norm` ("folded" or "power_iteration", `model.spectral_norm` in the config)
+selects the mechanisms' parametrisation. The official mechanisms train in torch's
+`train()` mode: each forward does one spectral-norm power iteration and Adam updates
+the unnormalised `weight_orig`. "power_iteration" does the same: `params` then hold the
+unnormalised kernels and a third tree, `spectral` = {"shape", "texture", "background"},
+holds each mechanism's u, v (passed to `__call__`, updated with `update_spectral=True`).
+The frozen x_gt BigGAN stays folded either way: the official keeps it in eval mode,
+where folding is exact.
 """
 
 from __future__ import annotations
@@ -29,8 +38,11 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from cgn_jax.models.biggan import BigGANConfig, BigGANDeep, TruncationStats, truncated_noise, truncation_stats
+from cgn_jax.models.biggan import (FOLDED, POWER_ITERATION, SPECTRAL, BigGANConfig, BigGANDeep, TruncationStats,
+                                   check_spectral_norm, fold_spectral_norm, power_iterate_host, truncated_noise,
+                                   truncation_stats)
 from cgn_jax.models.u2net import U2Net
 
 MECHANISMS = ("shape", "texture", "background")
@@ -51,10 +63,25 @@ class ImageNetCGN:
     u2net_variant: str = "u2net"
     dtype: Any = jnp.float32
     remat: bool = False
+    spectral_norm: str = FOLDED  # the mechanisms' spectral norm (x_gt's BigGAN is always folded)
+
+    def __post_init__(self):
+        check_spectral_norm(self.spectral_norm)
 
     @property
     def biggan(self) -> BigGANDeep:
+        """The mechanisms' BigGAN-deep (in this model's spectral norm mode)."""
+        return BigGANDeep(config=self.biggan_config, dtype=self.dtype, remat=self.remat,
+                          spectral_norm=self.spectral_norm)
+
+    @property
+    def gt_biggan(self) -> BigGANDeep:
+        """The frozen BigGAN that makes x_gt: folded spectral norm (eval mode in the official)."""
         return BigGANDeep(config=self.biggan_config, dtype=self.dtype, remat=self.remat)
+
+    @property
+    def power_iteration(self) -> bool:
+        return self.spectral_norm == POWER_ITERATION
 
     @property
     def u2net(self) -> U2Net:
@@ -77,10 +104,29 @@ class ImageNetCGN:
 
     # -- the networks
 
-    def generate(self, params, frozen, u, y, ts: TruncationStats) -> jax.Array:
-        """One BigGAN-deep with weights `params` (and the frozen BN statistics): images in [-1, 1]."""
+    def generate(self, params, frozen, u, y, ts: TruncationStats, spectral=None, update_spectral: bool = False):
+        """One mechanism with weights `params` (and the frozen BN statistics): images in [-1, 1].
+
+        Power-iteration mode needs the mechanism's `spectral` (u, v); with
+        `update_spectral` it does torch's train-mode power iteration and returns
+        (images, new spectral). Folded mode takes neither.
+        """
         variables = {"params": params, "batch_stats": frozen["biggan"]["batch_stats"]}
-        return self.biggan.apply(variables, u, y, ts)
+        if not self.power_iteration:
+            if spectral is not None or update_spectral:
+                raise ValueError("spectral / update_spectral need spectral_norm='power_iteration'")
+            return self.biggan.apply(variables, u, y, ts)
+        if spectral is None:
+            raise ValueError("spectral_norm='power_iteration' needs the mechanism's spectral state (u, v)")
+        variables[SPECTRAL] = spectral
+        if not update_spectral:
+            return self.biggan.apply(variables, u, y, ts)
+        images, new = self.biggan.apply(variables, u, y, ts, train=True, mutable=[SPECTRAL])
+        return images, new[SPECTRAL]
+
+    def generate_gt(self, frozen, u, y, ts: TruncationStats) -> jax.Array:
+        """x_gt: the frozen, folded pretrained BigGAN."""
+        return self.gt_biggan.apply(frozen["biggan"], u, y, ts)
 
     def saliency(self, frozen, images: jax.Array) -> jax.Array:
         """U2-Net saliency (N, H, W, 1) in (0, 1) of images in [-1, 1] (fed as they are, as the official)."""
@@ -93,30 +139,49 @@ class ImageNetCGN:
         return jnp.clip(self.saliency(frozen, premask), *MASK_CLAMP)
 
     def __call__(self, params, frozen, u, y_shape, y_texture=None, y_background=None, ts=None, *,
-                 with_gt: bool = True, with_bg_saliency: bool = True) -> dict[str, jax.Array]:
+                 with_gt: bool = True, with_bg_saliency: bool = True, spectral=None, update_spectral: bool = False):
         """The official `CGN.forward` plus the composite.
 
         Same noise `u` for every mechanism; labels per mechanism (default: `y_shape`).
         Returns premask, mask, texture (the official "foreground"), background, composite
         and, when asked, x_gt (frozen BigGAN on (u, y_shape), gradient stopped) and
         bg_saliency (U2-Net on the background, for the background loss).
+
+        Power-iteration mode: `spectral` = {"shape", "texture", "background"} u, v trees.
+        Without `update_spectral` they are used as stored (torch's eval mode, e.g. sample
+        sheets); with it every mechanism does one power iteration (torch's train mode) and
+        the call returns (outputs, new spectral).
         """
         if ts is None:
             raise ValueError("pass ts=model.stats(truncation)")
         y_texture = y_shape if y_texture is None else y_texture
         y_background = y_shape if y_background is None else y_background
         chex.assert_rank(u, 2)
+        new_spectral = {}
+
+        def mechanism(name, y):
+            if not self.power_iteration:
+                return self.generate(params[name], frozen, u, y, ts)
+            if spectral is None:
+                raise ValueError("spectral_norm='power_iteration' needs spectral={'shape', 'texture', 'background'}")
+            res = self.generate(params[name], frozen, u, y, ts, spectral[name], update_spectral)
+            if update_spectral:
+                res, new_spectral[name] = res
+            return res
+
+        if update_spectral and not self.power_iteration:
+            raise ValueError("update_spectral needs spectral_norm='power_iteration'")
         out = {}
         if with_gt:
-            out["x_gt"] = jax.lax.stop_gradient(self.generate(frozen["biggan"]["params"], frozen, u, y_shape, ts))
-        out["premask"] = self.generate(params["shape"], frozen, u, y_shape, ts)
+            out["x_gt"] = jax.lax.stop_gradient(self.generate_gt(frozen, u, y_shape, ts))
+        out["premask"] = mechanism("shape", y_shape)
         out["mask"] = self.mask(frozen, out["premask"])
-        out["texture"] = self.generate(params["texture"], frozen, u, y_texture, ts)
-        out["background"] = self.generate(params["background"], frozen, u, y_background, ts)
+        out["texture"] = mechanism("texture", y_texture)
+        out["background"] = mechanism("background", y_background)
         if with_bg_saliency:
             out["bg_saliency"] = self.saliency(frozen, out["background"])
         out["composite"] = compose_images(out["mask"], out["texture"], out["background"])
-        return out
+        return (out, new_spectral) if update_spectral else out
 
 
 def compose_images(mask, texture, background):
@@ -145,10 +210,9 @@ def random_variables(shapes, seed: int):
     Flax's initialisers under `jit` compile for minutes on a CPU (a truncated-normal
     program per tensor), and random weights only serve tests and timing, so this uses
     numpy with Flax's default scales: kernels N(0, 1/fan_in) (LeCun), biases, offsets,
-    means and attention gains 0, norm scales and variances 1.
+    means and attention gains 0, norm scales and variances 1; spectral-norm u, v (the
+    "spectral" collection) unit vectors in random directions, as torch initialises them.
     """
-    import numpy as np
-
     from cgn_jax.checkpoint import flatten_with_names
 
     rng = np.random.default_rng(seed)
@@ -157,6 +221,9 @@ def random_variables(shapes, seed: int):
     def make(name, leaf):
         last = name.rsplit("/", 1)[-1]
         shape, dtype = tuple(leaf.shape), leaf.dtype
+        if name.startswith(f"{SPECTRAL}/") and last in ("u", "v"):
+            x = rng.standard_normal(shape)
+            return (x / np.linalg.norm(x)).astype(dtype)
         if last == "kernel":
             fan_in = int(np.prod(shape[:-1]))
             return (rng.standard_normal(shape, np.float32) / np.sqrt(fan_in)).astype(dtype)
@@ -167,13 +234,26 @@ def random_variables(shapes, seed: int):
     return jax.tree.unflatten(jax.tree.structure(shapes), leaves)
 
 
-def random_biggan(config: BigGANConfig, seed: int):
-    """Random BigGAN-deep variables (tests and timing: no weight file needed)."""
-    return random_variables(BigGANDeep(config).init_shapes(), seed)
+def random_biggan(config: BigGANConfig, seed: int, spectral_norm: str = FOLDED):
+    """Random BigGAN-deep variables (tests and timing: no weight file needed).
+
+    Power-iteration variables get random u, v plus one power iteration on the host
+    (`power_iterate_host`: the state after torch's first train-mode forward), so that
+    their eval-mode sigma, and the folded x_gt BigGAN made from them, is sane.
+    """
+    variables = random_variables(BigGANDeep(config, spectral_norm=spectral_norm).init_shapes(), seed)
+    if spectral_norm == POWER_ITERATION:
+        variables = power_iterate_host(variables, config.eps)
+    return variables
 
 
 def random_u2net(variant: str, seed: int):
     return random_variables(U2Net(variant=variant).init_shapes(), seed)
+
+
+def spectral_norm_mode(model_config) -> str:
+    """`model_config.spectral_norm`, "folded" when absent (configs written before it existed)."""
+    return check_spectral_norm(str(model_config.get("spectral_norm", FOLDED)))
 
 
 def load_networks(model_config, seed: int = 0):
@@ -182,10 +262,15 @@ def load_networks(model_config, seed: int = 0):
     Each is an Orbax directory from `cgn-jax port biggan|u2net`, or "random" (random
     init from `seed`, the BigGAN architecture from `model_config.arch`). `sources` names
     where the weights came from (what checkpoints record instead of the weights).
+    The frozen BigGAN is folded in both spectral norm modes; with a random power-iteration
+    BigGAN it is the fold of the mechanisms' random start (`initial_mechanisms`).
     """
     if model_config.biggan == RANDOM:
         cfg = biggan_config_from(model_config.arch)
-        biggan = random_biggan(cfg, seed)
+        if spectral_norm_mode(model_config) == POWER_ITERATION:
+            biggan = fold_spectral_norm(random_biggan(cfg, seed, POWER_ITERATION))
+        else:
+            biggan = random_biggan(cfg, seed)
         biggan_src = f"{RANDOM}:{seed}"
     else:
         from cgn_jax.port.biggan import load_biggan
@@ -217,9 +302,30 @@ def initial_params(frozen) -> dict:
     return {name: jax.tree.map(lambda x: x.copy(), frozen["biggan"]["params"]) for name in MECHANISMS}
 
 
+def initial_mechanisms(model_config, frozen, seed: int = 0):
+    """(params, spectral) the three mechanisms start from, in `model_config.spectral_norm`'s mode.
+
+    Folded: (`initial_params(frozen)`, None). Power iteration: each mechanism gets its own
+    copy of the pretrained `weight_orig` (recovered by `load_biggan`) and u, v, as the
+    official loads the checkpoint into each; for "random" the same random draw that
+    `load_networks` folded into the x_gt BigGAN.
+    """
+    if spectral_norm_mode(model_config) == FOLDED:
+        return initial_params(frozen), None
+    if model_config.biggan == RANDOM:
+        variables = random_biggan(biggan_config_from(model_config.arch), seed, POWER_ITERATION)
+    else:
+        from cgn_jax.port.biggan import load_biggan
+
+        _, variables = load_biggan(model_config.biggan, spectral_norm=POWER_ITERATION)
+    copy = lambda tree: jax.tree.map(lambda x: np.array(x, copy=True), tree)  # noqa: E731
+    return ({name: copy(variables["params"]) for name in MECHANISMS},
+            {name: copy(variables[SPECTRAL]) for name in MECHANISMS})
+
+
 def from_config(model_config, biggan_config: BigGANConfig, dtype=jnp.float32) -> ImageNetCGN:
     return ImageNetCGN(biggan_config=biggan_config, u2net_variant=model_config.u2net_variant, dtype=dtype,
-                       remat=bool(model_config.remat))
+                       remat=bool(model_config.remat), spectral_norm=spectral_norm_mode(model_config))
 
 
 def class_vectors(labels, num_classes: int) -> jax.Array:

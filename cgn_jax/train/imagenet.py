@@ -13,7 +13,10 @@ mechanisms' parameters, the optimizer state with its accumulated gradients, the 
 and the run key); the pretrained weights are recorded by path in the checkpoint's
 metadata, so a 3 x 55M-parameter model does not store a fourth copy of BigGAN and U2-Net
 every time. The latest parameters are also exported to `workdir/cgn/` for
-`cgn-jax generate`.
+`cgn-jax generate`. With `model.spectral_norm=power_iteration` checkpoints and the
+export also hold each mechanism's spectral norm u, v (the parameters are then the
+unnormalised kernels), and sample sheets use the stored u, v (the official samples in
+eval mode).
 
 `python -m cgn_jax.train.imagenet --bench N --config configs/imagenet.py:random,bf16`
 times the compiled step (see `benchmark`).
@@ -72,6 +75,7 @@ def check_config(config) -> None:
     lo, hi = lc.mask_interval
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"loss.mask_interval must satisfy 0 <= lo <= hi <= 1, got {lc.mask_interval}")
+    M.spectral_norm_mode(config.model)
     if not 0.0 < float(config.model.truncation) <= 1.0:
         raise ValueError(f"model.truncation must be in (0, 1], got {config.model.truncation}")
     if int(config.train.num_steps) <= 0:
@@ -96,6 +100,12 @@ def build(config, devices):
                       global_batch=pdb * n_devices, accum=accum)
     frozen = S.Frozen(nets=nets, vgg=vgg, ts=model.stats(float(config.model.truncation)))
     return spec, frozen, sources
+
+
+def initial_state(config, frozen: S.Frozen, accum: int) -> S.TrainState:
+    """The state before the first step: mechanisms from the pretrained BigGAN in the config's spectral norm mode."""
+    params, spectral = M.initial_mechanisms(config.model, frozen.nets, int(config.seed))
+    return S.init_state(config, params, accum, spectral)
 
 
 def perceptual(config, lc: S.LossConfig, dtype):
@@ -139,10 +149,10 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
         _save_config(config, workdir / "config.json")
 
     checkpoints = TrainCheckpoints(workdir / "checkpoints", config.train.keep_checkpoints)
-    state = S.init_state(config, M.initial_params(frozen.nets), accum)
+    state = initial_state(config, frozen, accum)
     latest = checkpoints.latest_step()
     if latest is not None:
-        state, meta = checkpoints.restore(state, latest)
+        state, meta = _restore(checkpoints, state, latest, spec)
         _check_resume(meta, sources, accum, is_main)
         _say(is_main, f"resuming {workdir} from micro-step {latest} (update {latest // accum})")
     micro = int(state.step)
@@ -156,7 +166,8 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     logger = MetricsLogger(workdir, enabled=is_main, resume_step=start_update if micro else None, plots=False)
     _say(is_main, f"training ImageNet CGN ({config.variant}): {num_steps} updates of {spec.global_batch * accum} "
                   f"examples = {accum} micro-steps x {spec.per_device_batch} per device x {len(devices)} device(s); "
-                  f"{spec.model.image_size}px, {config.train.compute_dtype}, remat={spec.model.remat}")
+                  f"{spec.model.image_size}px, {config.train.compute_dtype}, remat={spec.model.remat}, "
+                  f"spectral_norm={spec.model.spectral_norm}")
 
     every = _Every(config.train)
     # metrics are summed on the device over `n_summed` micro-steps; timing leaves out the compilation
@@ -218,41 +229,60 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
 # ---------------------------------------------------------------------------- pieces of the loop
 
 def make_sampler(model: M.ImageNetCGN, config):
-    """`sampler(params, nets, ts) -> outputs` on the official fixed-noise sheet: one noise vector
-    (drawn once from the run's seed), one row per class of `train.sample_classes` (mod num_classes)."""
+    """`sampler(params, nets, ts, spectral=None) -> outputs` on the official fixed-noise sheet: one noise
+    vector (drawn once from the run's seed), one row per class of `train.sample_classes` (mod num_classes).
+    Power-iteration mechanisms use their stored u, v (the official samples in eval mode)."""
     classes = jnp.asarray([int(c) % model.num_classes for c in config.train.sample_classes])
     key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0xF1ED)
     u = jnp.repeat(model.sample_noise(key, 1, float(config.model.truncation)), classes.shape[0], axis=0)
 
     @jax.jit
-    def sampler(params, nets, ts):
-        return model(params, nets, u, classes, ts=ts, with_bg_saliency=False)
+    def sampler(params, nets, ts, spectral=None):
+        return model(params, nets, u, classes, ts=ts, with_bg_saliency=False, spectral=spectral)
 
     return sampler
 
 
 def save_samples(sampler, rstate, frozen: S.Frozen, path: Path, update: int) -> Path:
     """Rows = classes; columns as the official sheet: mask, premask, texture, background, composite, x_gt."""
-    out = jax.device_get(sampler(parallel.unreplicate(rstate.params), frozen.nets, frozen.ts))
+    spectral = getattr(rstate, "spectral", None)
+    spectral = None if spectral is None else parallel.unreplicate(spectral)
+    out = jax.device_get(sampler(parallel.unreplicate(rstate.params), frozen.nets, frozen.ts, spectral))
     panels = [(name, sheets.to_uint8(out[name], (0.0, 1.0) if name == "mask" else (-1.0, 1.0)), 1)
               for name in SHEET_COLUMNS]
     scale = 1 if out["composite"].shape[1] >= 128 else 2
     return sheets.save_sheet(path, panels, n_cols=1, title=f"ImageNet CGN, update {update}", scale=scale)
 
 
-def export_mechanisms(dst: Path, params, spec: S.StepSpec, sources: dict, config, update: int) -> Path:
-    """The three mechanisms' parameters plus what `generate_imagenet` needs to rebuild the rest."""
+def export_mechanisms(dst: Path, params, spec: S.StepSpec, sources: dict, config, update: int,
+                      spectral=None) -> Path:
+    """The three mechanisms' parameters (and, power-iteration mode, their u, v under "spectral")
+    plus what `generate_imagenet` needs to rebuild the rest."""
     meta = {"model": "imagenet_cgn", "biggan_config": spec.model.biggan_config.to_dict(),
             "u2net_variant": spec.model.u2net_variant, "sources": sources, "seed": int(config.seed),
-            "truncation": float(config.model.truncation), "update": int(update), "source": "cgn-jax train"}
-    return save_variables(dst, {"params": params}, meta)
+            "truncation": float(config.model.truncation), "update": int(update), "source": "cgn-jax train",
+            "spectral_norm": spec.model.spectral_norm}
+    variables = {"params": params} if spectral is None else {"params": params, "spectral": spectral}
+    return save_variables(dst, variables, meta)
 
 
 def _checkpoint(checkpoints, rstate, micro: int, spec: S.StepSpec, sources: dict, config, workdir: Path) -> None:
     state = parallel.to_host(rstate)
-    checkpoints.save(micro, state, {"sources": sources, "accum": spec.accum, "update": micro // spec.accum})
+    checkpoints.save(micro, state, {"sources": sources, "accum": spec.accum, "update": micro // spec.accum,
+                                    "spectral_norm": spec.model.spectral_norm})
     if jax.process_index() == 0:
-        export_mechanisms(workdir / "cgn", state.params, spec, sources, config, micro // spec.accum)
+        export_mechanisms(workdir / "cgn", state.params, spec, sources, config, micro // spec.accum,
+                          getattr(state, "spectral", None))
+
+
+def _restore(checkpoints, template, step: int, spec: S.StepSpec):
+    """`checkpoints.restore`, naming the spectral norm mode when the checkpoint is of the other one."""
+    try:
+        return checkpoints.restore(template, step)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(
+            f"{e}. Note: this config has model.spectral_norm={spec.model.spectral_norm}, and a run started with the "
+            "other mode cannot resume in this one (the checkpoint's meta says which it used)") from None
 
 
 def _check_resume(meta: dict, sources: dict, accum: int, is_main: bool) -> None:
@@ -289,7 +319,7 @@ def benchmark(config, steps: int = 10, devices=None) -> dict:
         config.train.effective_batch = int(config.train.per_device_batch) * len(devices)
     t0 = time.perf_counter()
     spec, frozen, _ = build(config, devices)
-    state = S.init_state(config, M.initial_params(frozen.nets), spec.accum)
+    state = initial_state(config, frozen, spec.accum)
     load_s = time.perf_counter() - t0
     rfrozen, rstate = parallel.replicate(frozen, devices), parallel.replicate(state, devices)
     msum = parallel.replicate(S.zero_metrics(), devices)
@@ -309,6 +339,7 @@ def benchmark(config, steps: int = 10, devices=None) -> dict:
         times.append(time.perf_counter() - t0)
     med = float(np.median(times))
     result = {"config": config.variant, "image_size": spec.model.image_size, "devices": len(devices),
+              "spectral_norm": spec.model.spectral_norm,
               "device_kind": devices[0].device_kind, "per_device_batch": spec.per_device_batch,
               "accum": spec.accum, "compute_dtype": config.train.compute_dtype, "remat": spec.model.remat,
               "load_s": round(load_s, 2), "compile_s": round(compile_s, 2), "steps": steps,

@@ -18,6 +18,15 @@ rounding), and resuming from (key, step) continues it exactly.
 
 The frozen networks (BigGAN for x_gt, U2-Net, VGG16) are a separate argument
 (`Frozen`), never donated, never in the optimizer state, never checkpointed.
+
+With `model.spectral_norm="power_iteration"` the state is a `SpectralTrainState`: the
+mechanisms' params are the unnormalised kernels (what Adam updates, as the official's
+`weight_orig`) and `spectral` holds each mechanism's u, v. Every micro-step does one
+power iteration per layer inside the differentiated forward, as every official
+train-mode forward does, whether or not the optimizer steps. It depends only on the
+parameters and the stored u, v, which are replicated, so every device computes the
+same new u, v and no collective is needed. (Folded runs keep the plain `TrainState`,
+so their checkpoints are unchanged.)
 """
 
 from __future__ import annotations
@@ -47,6 +56,13 @@ class TrainState:
     key: jax.Array     # uint32[2]: the run's base key
     params: Any        # {"shape", "texture", "background"}: trainable BigGAN params
     opt_state: Any     # optax.MultiSteps state (accumulated gradients + per-mechanism Adam)
+
+
+@flax.struct.dataclass
+class SpectralTrainState(TrainState):
+    """`TrainState` plus the mechanisms' spectral norm state (power-iteration mode)."""
+
+    spectral: Any      # {"shape", "texture", "background"}: each mechanism's u, v per layer
 
 
 @flax.struct.dataclass
@@ -136,11 +152,16 @@ def make_optimizer(config, accum: int) -> optax.GradientTransformation:
     return optax.MultiSteps(inner, every_k_schedule=int(accum))
 
 
-def init_state(config, params, accum: int) -> TrainState:
+def init_state(config, params, accum: int, spectral=None) -> TrainState:
+    """The state before the first step; with `spectral` (power-iteration mode) a `SpectralTrainState`."""
     chex.assert_trees_all_equal_structs(*(params[name] for name in MECHANISMS))
     tx = make_optimizer(config, accum)
-    return TrainState(step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(int(config.seed)), params=params,
-                      opt_state=tx.init(params))
+    fields = dict(step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(int(config.seed)), params=params,
+                  opt_state=tx.init(params))
+    if spectral is None:
+        return TrainState(**fields)
+    chex.assert_trees_all_equal_structs(*(spectral[name] for name in MECHANISMS))
+    return SpectralTrainState(**fields, spectral=spectral)
 
 
 def zero_metrics() -> dict:
@@ -167,10 +188,19 @@ def sample_inputs(model: ImageNetCGN, keys: jax.Array, truncation: float):
     return jax.vmap(one)(keys)
 
 
-def loss_fn(params, frozen: Frozen, u, y, patch_keys, spec: StepSpec):
-    """Sum of the six official losses (each a batch mean) and the metrics."""
+def loss_fn(params, frozen: Frozen, u, y, patch_keys, spec: StepSpec, spectral=None):
+    """Sum of the six official losses (each a batch mean) and (metrics, new spectral state).
+
+    In power-iteration mode `spectral` is the mechanisms' u, v before this forward; the
+    forward power-iterates them (train mode) and returns the new ones (None when folded).
+    """
     model, lc = spec.model, spec.loss
-    out = model(params, frozen.nets, u, y, y, y, frozen.ts)
+    new_spectral = None
+    if model.power_iteration:
+        out, new_spectral = model(params, frozen.nets, u, y, y, y, frozen.ts, spectral=spectral,
+                                  update_spectral=True)
+    else:
+        out = model(params, frozen.nets, u, y, y, y, frozen.ts)
     x_gen, x_gt, mask = out["composite"], out["x_gt"], out["mask"]
     features = frozen.vgg.features
     terms = {
@@ -186,7 +216,7 @@ def loss_fn(params, frozen: Frozen, u, y, patch_keys, spec: StepSpec):
     total = sum(terms.values())
     metrics = dict(terms, g_loss=total, mask_mean=jnp.mean(mask.astype(jnp.float32)),
                    bg_saliency=jnp.mean(out["bg_saliency"].astype(jnp.float32)))
-    return total, metrics
+    return total, (metrics, new_spectral)
 
 
 def train_step(state: TrainState, metrics_sum: dict, frozen: Frozen, spec: StepSpec, tx, axis_name=AXIS):
@@ -194,14 +224,22 @@ def train_step(state: TrainState, metrics_sum: dict, frozen: Frozen, spec: StepS
     device = jax.lax.axis_index(axis_name) if axis_name else 0
     keys = example_keys(state.key, state.step, spec, device)
     u, y, patch_keys = sample_inputs(spec.model, keys, spec.truncation)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, frozen, u, y, patch_keys, spec)
+    spectral = getattr(state, "spectral", None)
+    if spec.model.power_iteration != (spectral is not None):
+        raise ValueError(f"model.spectral_norm={spec.model.spectral_norm!r} needs "
+                         f"{'a SpectralTrainState' if spectral is None else 'a plain TrainState'}")
+    grads, (metrics, new_spectral) = jax.grad(loss_fn, has_aux=True)(state.params, frozen, u, y, patch_keys, spec,
+                                                                      spectral)
     if axis_name:
         grads = jax.lax.pmean(grads, axis_name)
         metrics = jax.lax.pmean(metrics, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_sum = {k: metrics_sum[k] + metrics[k].astype(jnp.float32) for k in METRICS}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), new_sum
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if new_spectral is not None:  # the same on every device: computed from replicated params and u, v
+        state = state.replace(spectral=new_spectral)
+    return state, new_sum
 
 
 def pmap_train_step(config, spec: StepSpec, devices):
