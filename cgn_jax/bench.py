@@ -1,8 +1,11 @@
 """`cgn-jax bench`: time the real compiled train step (or counterfactual generation) of a config.
 
+MNIST CGN configs time `mnist_step.pmap_train_step` (or `--what generate`); ImageNet CGN
+configs (`configs/imagenet.py:...`) time the micro-step of `cgn_jax.train.imagenet` and
+add the accumulation figures (seconds per update, hours for the configured updates).
+
 Step-time claims are only comparable if they time the program training runs, so this
-builds the step with the same `mnist_step.pmap_train_step` the training loop uses, on
-the same device layout, and times it with compilation split off (lower, compile) and
+builds the step with the same functions the training loop uses, on the same device layout, and times it with compilation split off (lower, compile) and
 every step blocked. What does not change the step's cost is replaced to keep the
 benchmark self-contained: the stored dataset is synthetic (right shapes and size,
 random digits; the step renders on device, so its cost does not depend on pixel
@@ -359,6 +362,94 @@ def _finite(x) -> bool:
     return math.isfinite(float(x))
 
 
+def bench_imagenet_train(config, *, steps: int, warmup: int, n_devices: int | None = None,
+                         profile: str | None = None, log=print) -> dict:
+    """Time the ImageNet CGN's compiled training micro-step (`cgn_jax.train.imagenet`), same result schema
+    as `bench_train` plus the accumulation figures: seconds per update and hours for the configured schedule."""
+    import jax
+
+    from cgn_jax import parallel
+    from cgn_jax.train import imagenet as I
+    from cgn_jax.train import imagenet_step as S
+
+    start = time.perf_counter()
+    devices = parallel.local_devices(n_devices)
+    I.check_config(config)
+    global_batch = int(config.train.per_device_batch) * len(devices)
+    examples_per_update = int(config.train.effective_batch)
+    try:
+        S.accum_steps(config, len(devices))
+    except ValueError:  # accumulation does not change a micro-step's cost: time the micro-step without it
+        config = config.copy_and_resolve_references()
+        config.train.effective_batch = global_batch
+    spec, frozen, sources = I.build(config, devices)
+    log(f"building the ImageNet CGN micro-step: {spec.model.image_size} px, batch {spec.per_device_batch} on each "
+        f"of {len(devices)} {devices[0].device_kind} device(s), {config.train.compute_dtype}, "
+        f"spectral norm {spec.model.spectral_norm}")
+    state = parallel.replicate(I.initial_state(config, frozen, spec.accum), devices)
+    rfrozen = parallel.replicate(frozen, devices)
+    metrics = parallel.replicate(S.zero_metrics(), devices)
+    del frozen
+    step_fn = I.train_step_fn(config, spec, devices)
+    jax.block_until_ready((state, rfrozen))
+    t0 = time.perf_counter()
+    setup_s = t0 - start
+    lowered = step_fn.lower(state, metrics, rfrozen)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    log(f"set up in {setup_s:.1f}s, lowered in {t1 - t0:.1f}s, compiled in {t2 - t1:.1f}s")
+
+    for _ in range(max(warmup, 1)):
+        state, metrics = compiled(state, metrics, rfrozen)
+    jax.block_until_ready((state, metrics))
+    seconds = []
+    cpu0 = time.process_time()
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, metrics, rfrozen)
+        jax.block_until_ready((state, metrics))
+        seconds.append(time.perf_counter() - t)
+    cpu_s = (time.process_time() - cpu0) / steps
+    if profile:
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        with jax.profiler.trace(profile):
+            for i in range(3):
+                with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                    state, metrics = compiled(state, metrics, rfrozen)
+                    jax.block_until_ready((state, metrics))
+        log(f"wrote a profile of 3 micro-steps to {profile} (open with TensorBoard / Perfetto)")
+    if not all(map(_finite, parallel.to_host(metrics).values())):
+        log("warning: non-finite metrics after the timed steps (the timing is still valid)")
+
+    t = _times(seconds)
+    flops, flops_source, compiled_flops = program_flops(lowered, compiled)
+    dtype = str(config.train.compute_dtype)
+    peak, peak_source = peak_tflops(devices[0].device_kind, dtype)
+    per_update = t["median"] * examples_per_update / global_batch
+    updates = int(config.train.num_steps)
+    return {
+        "what": "train", "family": "imagenet", "variant": config.variant, "compute_dtype": dtype,
+        "global_batch": global_batch, "per_device_batch": spec.per_device_batch, "devices": len(devices),
+        "device_kind": devices[0].device_kind, "image_size": spec.model.image_size,
+        "spectral_norm": spec.model.spectral_norm, "remat": bool(spec.model.remat),
+        "weights": {k: str(v) for k, v in sources.items()},
+        "data": "none (the CGN samples its own noise and labels)", "vgg16_weights": str(sources.get("vgg16")),
+        "accum": spec.accum, "examples_per_update": examples_per_update, "sec_per_update_estimate": per_update,
+        "updates": updates, "hours_for_updates_estimate": per_update * updates / 3600,
+        "steps": steps, "warmup": max(warmup, 1), "setup_s": setup_s, "lower_s": t1 - t0, "compile_s": t2 - t1,
+        "first_call_s": None, "step_time_s": t, "process_cpu_s_per_step": cpu_s,
+        "images_per_s": {"total": global_batch / t["median"], "per_device": spec.per_device_batch / t["median"]},
+        "flops_per_step": {"per_device": flops, "total": flops * len(devices) if flops else None,
+                           "source": flops_source, "compiled_per_device": compiled_flops},
+        "tflops_per_s_per_device": flops / t["median"] / 1e12 if flops else None,
+        "peak_tflops_per_device": peak, "peak_source": peak_source,
+        "mfu": flops / t["median"] / (peak * 1e12) if (flops and peak) else None,
+        "peak_memory_bytes": peak_memory(devices), "compiled_memory": compiled_memory(compiled),
+        "profile_dir": profile,
+    }
+
+
 # ---------------------------------------------------------------------------- generation
 
 def load_generation_model(config, checkpoint: str | None, log=print):
@@ -484,7 +575,12 @@ def format_table(r: dict) -> str:
             ("jax / backend", f"{m['jax']} / {m['backend']}"),
             ("device", f"{r['devices']} x {r['device_kind']}"),
             ("variant / dtype", f"{r['variant']} / {r['compute_dtype']}")]
-    if r["what"] == "train":
+    if r.get("family") == "imagenet":
+        rows += [("global micro-batch", f"{r['global_batch']} ({r['per_device_batch']} per device), "
+                                        f"{r['image_size']} px"),
+                 ("spectral norm / remat", f"{r['spectral_norm']} / {r['remat']}"),
+                 ("weights", ", ".join(f"{k} {v}" for k, v in r["weights"].items()))]
+    elif r["what"] == "train":
         rows += [("global batch", f"{r['global_batch']} ({r['per_device_batch']} per device)"),
                  ("data", r["data"]), ("VGG16 weights", r["vgg16_weights"])]
     else:
@@ -517,6 +613,10 @@ def format_table(r: dict) -> str:
         rows.append(("compiled buffers", f"args {_bytes(cm.get('argument_size_in_bytes'))}, "
                                          f"temp {_bytes(cm.get('temp_size_in_bytes'))}, "
                                          f"out {_bytes(cm.get('output_size_in_bytes'))}"))
+    if r.get("family") == "imagenet":
+        rows += [("per update (estimate)", f"{r['sec_per_update_estimate']:,.1f} s for {r['examples_per_update']} "
+                                           f"examples ({r['accum']} micro-steps per update on these devices)"),
+                 (f"{r['updates']} updates (estimate)", f"{r['hours_for_updates_estimate']:,.2f} h")]
     if r.get("profile_dir"):
         rows.append(("profile", r["profile_dir"]))
     width = max(len(k) for k, _ in rows)
@@ -579,14 +679,29 @@ def run(args) -> int:
         config = load_config(args.config, getattr(args, "config_overrides", []))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
-    if config.get("family", "mnist") != "mnist":
-        raise CLIError(f"`cgn-jax bench` supports the MNIST CGN configs only (got family {config.family!r})")
+    family = config.get("family", "mnist")
+    if family not in ("mnist", "imagenet"):
+        raise CLIError(f"`cgn-jax bench` times the CGN configs (configs/mnist.py, configs/imagenet.py), not family "
+                       f"{family!r}; `cgn-jax train-classifier` logs the classifier's images/s per epoch")
+    if family == "imagenet" and args.what != "train":
+        raise CLIError("--what generate times MNIST counterfactual generation; for ImageNet use "
+                       "`cgn-jax generate --config=configs/imagenet.py ...`, which reports images/s")
     if args.dtype:
         config.train.compute_dtype = args.dtype
     if args.batch is not None:
         if args.batch < 1:
             raise CLIError(f"--batch must be positive, got {args.batch}")
-        if args.what == "train":
+        if family == "imagenet":  # the global micro-batch: per-device batch x devices
+            import jax
+
+            from cgn_jax.parallel import BatchSplitError, per_device_batch
+
+            try:
+                config.train.per_device_batch = per_device_batch(args.batch, args.devices or jax.local_device_count(),
+                                                                 what="--batch")
+            except BatchSplitError as e:
+                raise CLIError(str(e)) from None
+        elif args.what == "train":
             config.train.batch_size = args.batch
         else:
             config.generate.batch_size = args.batch
@@ -605,7 +720,10 @@ def run(args) -> int:
     if args.devices is not None and not 1 <= args.devices <= jax.local_device_count():
         raise CLIError(f"--devices={args.devices}, but this machine has {jax.local_device_count()} device(s)")
     try:
-        if args.what == "train":
+        if family == "imagenet":
+            result = bench_imagenet_train(config, steps=args.steps, warmup=args.warmup, n_devices=args.devices,
+                                          profile=args.profile, log=log)
+        elif args.what == "train":
             result = bench_train(config, steps=args.steps, warmup=args.warmup, n_devices=args.devices,
                                  data=args.data, profile=args.profile, log=log)
         else:

@@ -103,3 +103,31 @@ def test_cost_flops_return_variants():
     assert bench.cost_flops(Fake(None)) is None
     assert bench.cost_flops(Fake({"flops": -1.0})) is None
     assert bench.cost_flops(Fake(NotImplementedError())) is None
+
+
+def test_bench_imagenet_micro_step():
+    """The ImageNet CGN's real micro-step, tiny random networks: bench schema, accumulation figures, table."""
+    from test_imagenet_cgn import tiny_config
+
+    config = tiny_config(per_device_batch=2, effective_batch=8)
+    r = bench.bench_imagenet_train(config, steps=2, warmup=1, n_devices=1, log=lambda msg: None)
+    assert r["family"] == "imagenet" and r["what"] == "train" and r["spectral_norm"] == "folded"
+    assert (r["global_batch"], r["per_device_batch"], r["accum"], r["examples_per_update"]) == (2, 2, 4, 8)
+    t = r["step_time_s"]
+    assert t["n"] == 2 and 0 < t["min"] <= t["median"] <= t["max"]
+    assert r["images_per_s"]["total"] == pytest.approx(2 / t["median"])
+    assert r["sec_per_update_estimate"] == pytest.approx(4 * t["median"])
+    assert r["hours_for_updates_estimate"] == pytest.approx(r["sec_per_update_estimate"] * r["updates"] / 3600)
+    assert r["flops_per_step"]["per_device"] > 1e8 and r["flops_per_step"]["source"] == "lowered"
+    r["command"], r["machine"] = "cgn-jax bench --config=configs/imagenet.py:tiny", bench.machine_info()
+    table = bench.format_table(r)
+    assert "global micro-batch" in table and "4 micro-steps per update" in table and "folded / False" in table
+
+
+def test_bench_refuses_what_it_cannot_time():
+    p = _bench("--config=configs/classifier.py:colored,original", "--steps", "1", timeout=300)
+    assert p.returncode == 2 and "train-classifier" in p.stderr and "Traceback" not in p.stderr
+    p = _bench("--config=configs/imagenet.py:tiny", "--what", "generate", "--steps", "1", timeout=300)
+    assert p.returncode == 2 and "cgn-jax generate" in p.stderr and "Traceback" not in p.stderr
+    p = _bench("--config=configs/imagenet.py:tiny", "--batch", "3", "--steps", "1", devices=2, timeout=300)
+    assert p.returncode == 2 and "does not split evenly over 2 devices" in p.stderr

@@ -18,8 +18,8 @@ export also hold each mechanism's spectral norm u, v (the parameters are then th
 unnormalised kernels), and sample sheets use the stored u, v (the official samples in
 eval mode).
 
-`python -m cgn_jax.train.imagenet --bench N --config configs/imagenet.py:random,bf16`
-times the compiled step (see `benchmark`).
+`cgn-jax bench --config=configs/imagenet.py:random,bf16` (or `python -m
+cgn_jax.train.imagenet --bench N --config ...`, the same as JSON) times the compiled step.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from cgn_jax import bench, parallel, sheets
@@ -304,65 +303,9 @@ def _mean_metrics(metrics_sum, n: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------- benchmark
 
 def benchmark(config, steps: int = 10, devices=None) -> dict:
-    """Time the compiled training micro-step of `config` (random weights are fine).
-
-    Compilation is timed separately (lower + compile); each timed step is blocked on.
-    Reports seconds per micro-step, examples/s, and on GPUs the peak device memory.
-    """
-    devices = list(devices) if devices is not None else jax.local_devices()
-    check_config(config)
-    examples_per_update = int(config.train.effective_batch)
-    try:
-        S.accum_steps(config, len(devices))
-    except ValueError:  # accumulation does not change a micro-step's cost: time it without
-        config = config.copy_and_resolve_references()
-        config.train.effective_batch = int(config.train.per_device_batch) * len(devices)
-    t0 = time.perf_counter()
-    spec, frozen, _ = build(config, devices)
-    state = initial_state(config, frozen, spec.accum)
-    load_s = time.perf_counter() - t0
-    rfrozen, rstate = parallel.replicate(frozen, devices), parallel.replicate(state, devices)
-    msum = parallel.replicate(S.zero_metrics(), devices)
-    del state
-    step_fn = train_step_fn(config, spec, devices)
-    t0 = time.perf_counter()
-    lowered = step_fn.lower(rstate, msum, rfrozen)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    rstate, msum = compiled(rstate, msum, rfrozen)  # warm-up
-    jax.block_until_ready(msum)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        rstate, msum = compiled(rstate, msum, rfrozen)
-        jax.block_until_ready(msum)
-        times.append(time.perf_counter() - t0)
-    med = float(np.median(times))
-    result = {"config": config.variant, "image_size": spec.model.image_size, "devices": len(devices),
-              "spectral_norm": spec.model.spectral_norm,
-              "device_kind": devices[0].device_kind, "per_device_batch": spec.per_device_batch,
-              "accum": spec.accum, "compute_dtype": config.train.compute_dtype, "remat": spec.model.remat,
-              "load_s": round(load_s, 2), "compile_s": round(compile_s, 2), "steps": steps,
-              "sec_per_micro_step_median": med, "sec_per_micro_step_min": float(np.min(times)),
-              "examples_per_sec": spec.global_batch / med,
-              "sec_per_update_estimate": med * examples_per_update / spec.global_batch,
-              "examples_per_update": examples_per_update}
-    # The lowered program's count: GPU-compiled programs leave cuDNN convolutions out (see cgn_jax.bench).
-    flops, flops_source, _ = bench.program_flops(lowered, compiled)
-    if flops:
-        result["tflop_per_step_per_device"] = flops / 1e12
-        result["flops_source"] = flops_source
-        peak, peak_source = bench.peak_tflops(devices[0].device_kind, str(config.train.compute_dtype))
-        if peak:
-            result["mfu"] = flops / med / (peak * 1e12)
-            result["peak_tflops"], result["peak_source"] = peak, peak_source
-    try:
-        stats = devices[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            result["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
-    except Exception:
-        pass
-    return result
+    """`cgn-jax bench` of `config`'s micro-step on the first len(devices) local devices (default all)."""
+    n = len(list(devices)) if devices is not None else None
+    return bench.bench_imagenet_train(config, steps=steps, warmup=1, n_devices=n, log=lambda msg: None)
 
 
 def main(argv=None) -> int:
