@@ -20,6 +20,7 @@ import ml_collections
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.family = "imagenet_classifier"
     c.task = "imagenet_classifier"
     c.variant = variant or "official"
     c.seed = 0

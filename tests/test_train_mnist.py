@@ -103,6 +103,9 @@ def test_cli_errors_for_bad_settings(tmp_path, capsys):
     assert "--devices=99" in capsys.readouterr().err
     assert main(["train", "--workdir=gs://bucket/run"]) == 2
     assert "gcsfuse" in capsys.readouterr().err
+    for classifier in ("configs/classifier.py:colored,original", "configs/imagenet_classifier.py"):
+        assert main(["train", f"--config={classifier}", f"--workdir={tmp_path}"]) == 2
+        assert f"train-classifier --config={classifier}" in capsys.readouterr().err
 
 
 def test_cli_defaults_to_colored_and_runs_dir(tmp_path, monkeypatch):

@@ -40,6 +40,9 @@ def run(args) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     family = config.get("family", "mnist")
+    if family.endswith("classifier"):
+        raise CLIError(f"{args.config} is a classifier config; train it with `cgn-jax train-classifier "
+                       f"--config={args.config}`")
     if family not in FAMILIES:
         raise CLIError(f"`cgn-jax train` does not support config family {family!r} yet; "
                        f"supported: {', '.join(FAMILIES)}")
