@@ -103,6 +103,8 @@ def test_cli_errors_for_bad_settings(tmp_path, capsys):
     assert "--devices=99" in capsys.readouterr().err
     assert main(["train", "--workdir=gs://bucket/run"]) == 2
     assert "gcsfuse" in capsys.readouterr().err
+    assert main(["train", f"--workdir={tmp_path}", "--config.dataset.shards=3"]) == 2
+    assert "dataset.shards=3 cannot work with train.batch_size=16" in capsys.readouterr().err
     for classifier in ("configs/classifier.py:colored,original", "configs/imagenet_classifier.py"):
         assert main(["train", f"--config={classifier}", f"--workdir={tmp_path}"]) == 2
         assert f"train-classifier --config={classifier}" in capsys.readouterr().err

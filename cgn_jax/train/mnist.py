@@ -153,6 +153,11 @@ def check_config(config) -> None:
         raise ValueError("loss.perc_style and loss.perc_content need one weight per VGG16 block each")
     if int(config.train.num_steps) <= 0 and int(config.train.epochs) <= 0:
         raise ValueError("set train.num_steps or train.epochs to a positive number")
+    shards, batch = int(config.dataset.get("shards", 0)), int(config.train.batch_size)
+    if shards < 0 or (shards and batch % shards):
+        raise ValueError(f"dataset.shards={shards} cannot work with train.batch_size={batch}: every global batch "
+                         "takes the same number of examples from each shard; use a divisor of the batch size, or 0 "
+                         "(one shard per process)")
 
 
 def step_context(config, devices) -> tuple[S.StepContext, DataShards]:
