@@ -2,7 +2,8 @@
 
 MNIST CGN configs time `mnist_step.pmap_train_step` (or `--what generate`); ImageNet CGN
 configs (`configs/imagenet.py:...`) time the micro-step of `cgn_jax.train.imagenet` and
-add the accumulation figures (seconds per update, hours for the configured updates).
+add the accumulation figures (seconds per update, hours for the configured updates);
+`configs/imagenet_classifier.py` times the ResNet ensemble's step on a synthetic batch.
 
 Step-time claims are only comparable if they time the program training runs, so this
 builds the step with the same functions the training loop uses, on the same device layout, and times it with compilation split off (lower, compile) and
@@ -253,6 +254,63 @@ def load_real_dataset(config) -> dict:
     return load_train_data(config)
 
 
+def _lower_compile(step_fn, *args, log=print):
+    """(lowered, compiled, lower_s, compile_s) of a pmapped step for these arguments."""
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    log(f"lowered in {t1 - t0:.2f}s, compiled in {t2 - t1:.2f}s")
+    return lowered, compiled, t1 - t0, t2 - t1
+
+
+def _time_calls(call, state, metrics, const, *, steps: int, warmup: int, profile: str | None, log=print):
+    """Warm up, then time `steps` blocked calls of `(state, metrics) = call(state, metrics, const)`; with
+    `profile`, trace 3 more. Returns (seconds per call, process CPU seconds per call, state, metrics)."""
+    import jax
+
+    for _ in range(warmup):
+        state, metrics = call(state, metrics, const)
+    jax.block_until_ready((state, metrics))
+    seconds = []
+    cpu0 = time.process_time()
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = call(state, metrics, const)
+        jax.block_until_ready((state, metrics))
+        seconds.append(time.perf_counter() - t)
+    cpu_s = (time.process_time() - cpu0) / steps
+    if profile:
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        with jax.profiler.trace(profile):
+            for i in range(3):
+                with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                    state, metrics = call(state, metrics, const)
+                    jax.block_until_ready((state, metrics))
+        log(f"wrote a profile of 3 steps to {profile} (open with TensorBoard / Perfetto)")
+    return seconds, cpu_s, state, metrics
+
+
+def _step_figures(seconds, cpu_s, lowered, compiled, devices, dtype: str, global_batch: int, per_device: int,
+                  profile: str | None) -> dict:
+    """The timing, throughput, FLOPs, MFU and memory fields every train-step result has."""
+    t = _times(seconds)
+    flops, flops_source, compiled_flops = program_flops(lowered, compiled)
+    peak, peak_source = peak_tflops(devices[0].device_kind, dtype)
+    return {
+        "step_time_s": t, "process_cpu_s_per_step": cpu_s,
+        "images_per_s": {"total": global_batch / t["median"], "per_device": per_device / t["median"]},
+        "flops_per_step": {"per_device": flops, "total": flops * len(devices) if flops else None,
+                           "source": flops_source, "compiled_per_device": compiled_flops},
+        "tflops_per_s_per_device": flops / t["median"] / 1e12 if flops else None,
+        "peak_tflops_per_device": peak, "peak_source": peak_source,
+        "mfu": flops / t["median"] / (peak * 1e12) if (flops and peak) else None,
+        "peak_memory_bytes": peak_memory(devices), "compiled_memory": compiled_memory(compiled),
+        "profile_dir": profile,
+    }
+
+
 def bench_train(config, *, steps: int, warmup: int, n_devices: int | None = None, data: str = "synthetic",
                 profile: str | None = None, log=print) -> dict:
     """Compile and time `steps` calls of the config's pmapped train step; the result dict of `--json`."""
@@ -287,15 +345,9 @@ def bench_train(config, *, steps: int, warmup: int, n_devices: int | None = None
     step_fn = S.pmap_train_step(config, global_batch, num_examples, devices)
     jax.block_until_ready((state, ctx))
 
-    t0 = time.perf_counter()
-    setup_s = t0 - start
+    setup_s = time.perf_counter() - start
     log(f"set up data, state and VGG16 on the device(s) in {setup_s:.2f}s")
-    lowered = step_fn.lower(state, metrics, ctx)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    lower_s, compile_s = t1 - t0, t2 - t1
-    log(f"lowered in {lower_s:.2f}s, compiled in {compile_s:.2f}s")
+    lowered, compiled, lower_s, compile_s = _lower_compile(step_fn, state, metrics, ctx, log=log)
 
     call = compiled
     try:
@@ -308,51 +360,19 @@ def bench_train(config, *, steps: int, warmup: int, n_devices: int | None = None
         state, metrics = call(state, metrics, ctx)
         jax.block_until_ready(metrics)
         first_call_s = time.perf_counter() - t
-
-    for _ in range(max(warmup - 1, 0)):
-        state, metrics = call(state, metrics, ctx)
-    jax.block_until_ready((state, metrics))
-
-    seconds = []
-    cpu0 = time.process_time()
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, metrics = call(state, metrics, ctx)
-        jax.block_until_ready((state, metrics))
-        seconds.append(time.perf_counter() - t)
-    cpu_s = (time.process_time() - cpu0) / steps
-
-    if profile:
-        Path(profile).mkdir(parents=True, exist_ok=True)
-        with jax.profiler.trace(profile):
-            for i in range(3):
-                with jax.profiler.StepTraceAnnotation("train", step_num=i):
-                    state, metrics = call(state, metrics, ctx)
-                    jax.block_until_ready((state, metrics))
-        log(f"wrote a profile of 3 steps to {profile} (open with TensorBoard / Perfetto)")
-
-    loss = parallel.to_host(metrics)
-    if not all(map(_finite, loss.values())):
+    seconds, cpu_s, state, metrics = _time_calls(call, state, metrics, ctx, steps=steps, warmup=max(warmup - 1, 0),
+                                                 profile=profile, log=log)
+    if not all(map(_finite, parallel.to_host(metrics).values())):
         log("warning: non-finite metrics after the timed steps (the timing is still valid)")
 
-    t = _times(seconds)
-    flops, flops_source, compiled_flops = program_flops(lowered, compiled)
     dtype = str(config.train.compute_dtype)
-    peak, peak_source = peak_tflops(devices[0].device_kind, dtype)
-    mfu = flops / t["median"] / (peak * 1e12) if (flops and peak) else None
     return {
         "what": "train", "variant": config.variant, "compute_dtype": dtype, "global_batch": global_batch,
         "per_device_batch": local_batch, "devices": len(devices), "device_kind": devices[0].device_kind,
         "num_examples": num_examples, "data": data_note, "render_assets": assets_note, "vgg16_weights": vgg_note,
         "steps": steps, "warmup": warmup, "setup_s": setup_s, "lower_s": lower_s, "compile_s": compile_s,
-        "first_call_s": first_call_s, "step_time_s": t, "process_cpu_s_per_step": cpu_s,
-        "images_per_s": {"total": global_batch / t["median"], "per_device": local_batch / t["median"]},
-        "flops_per_step": {"per_device": flops, "total": flops * len(devices) if flops else None,
-                           "source": flops_source, "compiled_per_device": compiled_flops},
-        "tflops_per_s_per_device": flops / t["median"] / 1e12 if flops else None,
-        "peak_tflops_per_device": peak, "peak_source": peak_source, "mfu": mfu,
-        "peak_memory_bytes": peak_memory(devices), "compiled_memory": compiled_memory(compiled),
-        "profile_dir": profile,
+        "first_call_s": first_call_s,
+        **_step_figures(seconds, cpu_s, lowered, compiled, devices, dtype, global_batch, local_batch, profile),
     }
 
 
@@ -392,44 +412,20 @@ def bench_imagenet_train(config, *, steps: int, warmup: int, n_devices: int | No
     del frozen
     step_fn = I.train_step_fn(config, spec, devices)
     jax.block_until_ready((state, rfrozen))
-    t0 = time.perf_counter()
-    setup_s = t0 - start
-    lowered = step_fn.lower(state, metrics, rfrozen)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    log(f"set up in {setup_s:.1f}s, lowered in {t1 - t0:.1f}s, compiled in {t2 - t1:.1f}s")
-
-    for _ in range(max(warmup, 1)):
-        state, metrics = compiled(state, metrics, rfrozen)
-    jax.block_until_ready((state, metrics))
-    seconds = []
-    cpu0 = time.process_time()
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, metrics = compiled(state, metrics, rfrozen)
-        jax.block_until_ready((state, metrics))
-        seconds.append(time.perf_counter() - t)
-    cpu_s = (time.process_time() - cpu0) / steps
-    if profile:
-        Path(profile).mkdir(parents=True, exist_ok=True)
-        with jax.profiler.trace(profile):
-            for i in range(3):
-                with jax.profiler.StepTraceAnnotation("train", step_num=i):
-                    state, metrics = compiled(state, metrics, rfrozen)
-                    jax.block_until_ready((state, metrics))
-        log(f"wrote a profile of 3 micro-steps to {profile} (open with TensorBoard / Perfetto)")
+    setup_s = time.perf_counter() - start
+    lowered, compiled, lower_s, compile_s = _lower_compile(step_fn, state, metrics, rfrozen, log=log)
+    seconds, cpu_s, state, metrics = _time_calls(compiled, state, metrics, rfrozen, steps=steps,
+                                                 warmup=max(warmup, 1), profile=profile, log=log)
     if not all(map(_finite, parallel.to_host(metrics).values())):
         log("warning: non-finite metrics after the timed steps (the timing is still valid)")
 
-    t = _times(seconds)
-    flops, flops_source, compiled_flops = program_flops(lowered, compiled)
-    dtype = str(config.train.compute_dtype)
-    peak, peak_source = peak_tflops(devices[0].device_kind, dtype)
-    per_update = t["median"] * examples_per_update / global_batch
+    figures = _step_figures(seconds, cpu_s, lowered, compiled, devices, str(config.train.compute_dtype),
+                            global_batch, spec.per_device_batch, profile)
+    per_update = figures["step_time_s"]["median"] * examples_per_update / global_batch
     updates = int(config.train.num_steps)
     return {
-        "what": "train", "family": "imagenet", "variant": config.variant, "compute_dtype": dtype,
+        "what": "train", "family": "imagenet", "variant": config.variant,
+        "compute_dtype": str(config.train.compute_dtype),
         "global_batch": global_batch, "per_device_batch": spec.per_device_batch, "devices": len(devices),
         "device_kind": devices[0].device_kind, "image_size": spec.model.image_size,
         "spectral_norm": spec.model.spectral_norm, "remat": bool(spec.model.remat),
@@ -437,16 +433,61 @@ def bench_imagenet_train(config, *, steps: int, warmup: int, n_devices: int | No
         "data": "none (the CGN samples its own noise and labels)", "vgg16_weights": str(sources.get("vgg16")),
         "accum": spec.accum, "examples_per_update": examples_per_update, "sec_per_update_estimate": per_update,
         "updates": updates, "hours_for_updates_estimate": per_update * updates / 3600,
-        "steps": steps, "warmup": max(warmup, 1), "setup_s": setup_s, "lower_s": t1 - t0, "compile_s": t2 - t1,
-        "first_call_s": None, "step_time_s": t, "process_cpu_s_per_step": cpu_s,
-        "images_per_s": {"total": global_batch / t["median"], "per_device": spec.per_device_batch / t["median"]},
-        "flops_per_step": {"per_device": flops, "total": flops * len(devices) if flops else None,
-                           "source": flops_source, "compiled_per_device": compiled_flops},
-        "tflops_per_s_per_device": flops / t["median"] / 1e12 if flops else None,
-        "peak_tflops_per_device": peak, "peak_source": peak_source,
-        "mfu": flops / t["median"] / (peak * 1e12) if (flops and peak) else None,
-        "peak_memory_bytes": peak_memory(devices), "compiled_memory": compiled_memory(compiled),
-        "profile_dir": profile,
+        "steps": steps, "warmup": max(warmup, 1), "setup_s": setup_s, "lower_s": lower_s, "compile_s": compile_s,
+        "first_call_s": None, **figures,
+    }
+
+
+def bench_imagenet_classifier(config, *, steps: int, warmup: int, n_devices: int | None = None,
+                              profile: str | None = None, log=print) -> dict:
+    """Time the ImageNet classifier ensemble's pmapped train step (`cgn_jax.imagenet_classifier`) on random
+    weights and a synthetic batch: per device `per_device_batch_size` real images plus `cf_ratio` times as
+    many counterfactuals, as training with a counterfactual dataset feeds it."""
+    import jax
+    import numpy as np
+
+    from cgn_jax import parallel
+    from cgn_jax import imagenet_classifier as C
+    from cgn_jax.models import resnet as R
+
+    start = time.perf_counter()
+    devices = parallel.local_devices(n_devices)
+    config = config.copy_and_resolve_references()
+    config.model.pretrained = ""  # random weights: the cost does not depend on them
+    R._arch(config.model)
+    dtype = str(config.model.dtype)
+    b_real = int(config.train.per_device_batch_size)
+    b_cf = int(round(float(config.data.cf_ratio) * b_real))
+    size = int(config.data.image_size)
+    model = R.ensemble_from_config(config.model, axis_name=parallel.AXIS)
+    log(f"building the {config.model.arch} ensemble step: {b_real} real + {b_cf} counterfactual {size}px images on "
+        f"each of {len(devices)} {devices[0].device_kind} device(s), {dtype}")
+    steps_per_epoch = 1000  # only shapes the lr schedule
+    state = parallel.replicate(C.init_state(config, steps_per_epoch, model=model, log=lambda m: None), devices)
+    metrics = parallel.replicate(jax.tree.map(np.asarray, C.zero_metrics()), devices)
+    rng = np.random.default_rng(0)
+    n = b_real + b_cf
+    batch = parallel.replicate({"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                                "labels": rng.integers(0, 1000, (n, 3)).astype(np.int32),
+                                "is_real": np.arange(n) < b_real}, devices)
+    tx = C.make_optimizer(config.train, steps_per_epoch)
+    step_fn = jax.pmap(C.make_train_step(model, tx, real_target=str(config.train.real_target),
+                                         compute_dtype=R._dtype(dtype)),
+                       axis_name=parallel.AXIS, devices=devices, donate_argnums=(0, 1))
+    jax.block_until_ready((state, batch))
+    setup_s = time.perf_counter() - start
+    lowered, compiled, lower_s, compile_s = _lower_compile(step_fn, state, metrics, batch, log=log)
+    seconds, cpu_s, state, metrics = _time_calls(compiled, state, metrics, batch, steps=steps, warmup=max(warmup, 1),
+                                                 profile=profile, log=log)
+    return {
+        "what": "train", "family": "imagenet_classifier", "variant": config.variant, "compute_dtype": dtype,
+        "global_batch": n * len(devices), "per_device_batch": n, "real_per_device": b_real, "cf_per_device": b_cf,
+        "devices": len(devices), "device_kind": devices[0].device_kind, "image_size": size,
+        "arch": str(config.model.arch), "frozen_bn": bool(config.model.freeze_bn_stats),
+        "data": "synthetic uint8 images (the step's cost does not depend on pixel values)",
+        "steps": steps, "warmup": max(warmup, 1), "setup_s": setup_s, "lower_s": lower_s, "compile_s": compile_s,
+        "first_call_s": None,
+        **_step_figures(seconds, cpu_s, lowered, compiled, devices, dtype, n * len(devices), n, profile),
     }
 
 
@@ -580,6 +621,11 @@ def format_table(r: dict) -> str:
                                         f"{r['image_size']} px"),
                  ("spectral norm / remat", f"{r['spectral_norm']} / {r['remat']}"),
                  ("weights", ", ".join(f"{k} {v}" for k, v in r["weights"].items()))]
+    elif r.get("family") == "imagenet_classifier":
+        rows += [("global batch", f"{r['global_batch']} ({r['real_per_device']} real + {r['cf_per_device']} "
+                                  f"counterfactual per device), {r['image_size']} px"),
+                 ("model", f"{r['arch']} ensemble, BatchNorm {'frozen' if r['frozen_bn'] else 'trained'}; "
+                           "random weights"), ("data", r["data"])]
     elif r["what"] == "train":
         rows += [("global batch", f"{r['global_batch']} ({r['per_device_batch']} per device)"),
                  ("data", r["data"]), ("VGG16 weights", r["vgg16_weights"])]
@@ -680,27 +726,33 @@ def run(args) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     family = config.get("family", "mnist")
-    if family not in ("mnist", "imagenet"):
-        raise CLIError(f"`cgn-jax bench` times the CGN configs (configs/mnist.py, configs/imagenet.py), not family "
-                       f"{family!r}; `cgn-jax train-classifier` logs the classifier's images/s per epoch")
-    if family == "imagenet" and args.what != "train":
+    if family not in ("mnist", "imagenet", "imagenet_classifier"):
+        raise CLIError(f"`cgn-jax bench` times the configs/mnist.py, configs/imagenet.py and "
+                       f"configs/imagenet_classifier.py steps, not family {family!r}; `cgn-jax train-classifier` "
+                       "logs the MNIST classifier's images/s per epoch")
+    if family != "mnist" and args.what != "train":
         raise CLIError("--what generate times MNIST counterfactual generation; for ImageNet use "
                        "`cgn-jax generate --config=configs/imagenet.py ...`, which reports images/s")
-    if args.dtype:
+    if args.dtype and family == "imagenet_classifier":
+        config.model.dtype = args.dtype
+    elif args.dtype:
         config.train.compute_dtype = args.dtype
     if args.batch is not None:
         if args.batch < 1:
             raise CLIError(f"--batch must be positive, got {args.batch}")
-        if family == "imagenet":  # the global micro-batch: per-device batch x devices
+        if family in ("imagenet", "imagenet_classifier"):  # global (micro-)batch = per-device batch x devices
             import jax
 
             from cgn_jax.parallel import BatchSplitError, per_device_batch
 
             try:
-                config.train.per_device_batch = per_device_batch(args.batch, args.devices or jax.local_device_count(),
-                                                                 what="--batch")
+                per_device = per_device_batch(args.batch, args.devices or jax.local_device_count(), what="--batch")
             except BatchSplitError as e:
                 raise CLIError(str(e)) from None
+            if family == "imagenet":
+                config.train.per_device_batch = per_device
+            else:  # real images; counterfactuals add data.cf_ratio times as many
+                config.train.per_device_batch_size = per_device
         elif args.what == "train":
             config.train.batch_size = args.batch
         else:
@@ -723,6 +775,9 @@ def run(args) -> int:
         if family == "imagenet":
             result = bench_imagenet_train(config, steps=args.steps, warmup=args.warmup, n_devices=args.devices,
                                           profile=args.profile, log=log)
+        elif family == "imagenet_classifier":
+            result = bench_imagenet_classifier(config, steps=args.steps, warmup=args.warmup, n_devices=args.devices,
+                                               profile=args.profile, log=log)
         elif args.what == "train":
             result = bench_train(config, steps=args.steps, warmup=args.warmup, n_devices=args.devices,
                                  data=args.data, profile=args.profile, log=log)

@@ -131,3 +131,14 @@ def test_bench_refuses_what_it_cannot_time():
     assert p.returncode == 2 and "cgn-jax generate" in p.stderr and "Traceback" not in p.stderr
     p = _bench("--config=configs/imagenet.py:tiny", "--batch", "3", "--steps", "1", devices=2, timeout=300)
     assert p.returncode == 2 and "does not split evenly over 2 devices" in p.stderr
+
+
+def test_bench_imagenet_classifier_json():
+    p = _bench("--config=configs/imagenet_classifier.py:tiny", "--batch", "4", "--steps", "2", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)
+    assert r["family"] == "imagenet_classifier" and r["variant"] == "tiny"
+    assert (r["real_per_device"], r["cf_per_device"], r["global_batch"]) == (4, 4, 8)  # cf_ratio 1
+    t = r["step_time_s"]
+    assert t["n"] == 2 and r["images_per_s"]["total"] == pytest.approx(8 / t["median"])
+    assert r["flops_per_step"]["per_device"] > 1e6 and r["mfu"] is None
