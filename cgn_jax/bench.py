@@ -677,8 +677,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--what", choices=("train", "generate"), default="train",
                         help="train: the pmapped train step (default); generate: counterfactual sampling")
     parser.add_argument("--batch", type=int, default=None,
-                        help="global batch (train; default config.train.batch_size) or images per generation "
-                             "call (generate; default config.generate.batch_size)")
+                        help="global batch (train; default config.train.batch_size; ImageNet CGN: the micro-batch, "
+                             "ImageNet classifier: real images, both per-device value x devices) or images per "
+                             "generation call (generate; default config.generate.batch_size)")
     parser.add_argument("--steps", type=int, default=20, help="timed calls (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation (default 2)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
