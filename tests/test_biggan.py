@@ -31,6 +31,23 @@ BF16_MEAN_TOL = 0.006
 TRUNCATIONS = (0.4, 0.55, 0.56, 0.731, 1.0)
 
 
+def randomise_statistics_and_gains(model, g) -> None:
+    """Give a fresh reference model BN statistics, attention gains and a final BN that all matter
+    (torch initialises gamma to 0 and leaves the final BN's affine parameters uninitialised)."""
+    for name, b in model.named_buffers():
+        if name.endswith("running_means"):
+            b.copy_(0.3 * torch.randn(b.shape, generator=g))
+        elif name.endswith("running_vars"):
+            b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    for name, p in model.named_parameters():
+        if name.endswith("gamma"):
+            p.fill_(0.7)
+        elif name == "generator.bn.weight":
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        elif name == "generator.bn.bias":
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
 def _reference(output_dim, channel_width, seed=0):
     """A randomly initialised reference model whose BN statistics, SN u/v and gains all matter."""
     torch.manual_seed(seed)
@@ -38,18 +55,7 @@ def _reference(output_dim, channel_width, seed=0):
     model = ppb.BigGAN(cfg)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("running_means"):
-                b.copy_(0.3 * torch.randn(b.shape, generator=g))
-            elif name.endswith("running_vars"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g))
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(0.7)
-            elif name == "generator.bn.weight":
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name == "generator.bn.bias":
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        randomise_statistics_and_gains(model, g)
         # One training-mode forward = one power iteration: u, v move off their random start
         # but stay unconverged, so sigma from (u, v) is not the true spectral norm.
         model.train()

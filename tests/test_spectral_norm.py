@@ -26,6 +26,7 @@ from cgn_jax.models.biggan import (POWER_ITERATION, SPECTRAL, BigGANConfig, BigG
 from cgn_jax.models.imagenet_cgn import random_biggan  # noqa: E402
 from cgn_jax.port.biggan import SPECTRAL_NORM_DIR, convert, load_biggan, torch_to_flax  # noqa: E402
 from cgn_jax.port.common import conv_kernel, dense_kernel  # noqa: E402
+from test_biggan import randomise_statistics_and_gains  # noqa: E402
 
 EPS = 1e-4  # BigGANConfig.eps, what the reference passes to spectral_norm
 # A 16x16 BigGAN-deep with 4 base channels: every kind of layer (attention included), compiled in seconds.
@@ -135,18 +136,7 @@ def _torch_biggan(seed=0):
     model = ppb.BigGAN(ppb.BigGANConfig.from_dict(SMALL.to_dict()))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("running_means"):
-                b.copy_(0.3 * torch.randn(b.shape, generator=g))
-            elif name.endswith("running_vars"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g))
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(0.7)
-            elif name == "generator.bn.weight":  # torch leaves these two uninitialised
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name == "generator.bn.bias":
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        randomise_statistics_and_gains(model, g)
         # torch's fresh u, v are random, so sigma = u . (W v) is a random number near 0; two
         # train-mode forwards move them towards the singular vectors (as trained ones are)
         model.train()
