@@ -3,7 +3,8 @@
 MNIST CGN configs time `mnist_step.pmap_train_step` (or `--what generate`); ImageNet CGN
 configs (`configs/imagenet.py:...`) time the micro-step of `cgn_jax.train.imagenet` and
 add the accumulation figures (seconds per update, hours for the configured updates);
-`configs/imagenet_classifier.py` times the ResNet ensemble's step on a synthetic batch.
+`configs/imagenet_classifier.py` times the ResNet ensemble's step on a synthetic batch, and
+`configs/classifier.py` a few short epochs of the MNIST classifier's own loop.
 
 Step-time claims are only comparable if they time the program training runs, so this
 builds the step with the same functions the training loop uses, on the same device layout, and times it with compilation split off (lower, compile) and
@@ -491,6 +492,68 @@ def bench_imagenet_classifier(config, *, steps: int, warmup: int, n_devices: int
     }
 
 
+def bench_mnist_classifier(config, *, steps: int, warmup: int, n_devices: int | None = None, log=print) -> dict:
+    """Time the MNIST classifier's training as `train-classifier` runs it (`train_classifier`, same loop,
+    on-the-fly CGN inside the step where the mode asks for it), on synthetic data and a random CGN.
+
+    Its loop is not one callable step (one call per step on the CPU, a scan per epoch elsewhere),
+    so it runs 1 + max(warmup, 1) epochs of `steps` steps: the first compiles, the others are timed
+    (their training time over `steps`, evaluation left out). FLOPs are not counted.
+    """
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from cgn_jax import parallel
+    from cgn_jax.classifier_cli import setup_from_config
+    from cgn_jax.config_loading import load_config
+    from cgn_jax.models import mnist_cgn
+    from cgn_jax.train.classifier import Generator, train_classifier
+
+    devices = parallel.local_devices(n_devices)
+    timed = max(warmup, 1)
+    setup = dataclasses.replace(setup_from_config(config), epochs=1 + timed, steps_per_epoch=steps,
+                                steps_per_call=0, eval_batch_size=100)
+    cgn_config = load_config(f"configs/mnist.py:{setup.variant}")
+    assets, assets_note = synthetic_assets(cgn_config)
+    n = max(setup.batch_size * 4, 1024)
+    data = synthetic_dataset(n, seed=int(config.seed))
+    rng = np.random.default_rng(1)
+    data = {**data, "fg_label": np.stack([data["fg_label"]] * setup.n_envs),
+            "bg_label": np.stack([data["bg_label"]] * setup.n_envs),
+            "test_image": rng.integers(0, 256, (100 * len(devices), 32, 32, 3), dtype=np.uint8),
+            "test_label": rng.integers(0, 10, 100 * len(devices)).astype(np.int32)}
+    if setup.uses_cf_dataset:
+        data["cf_image"] = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        data["cf_label"] = rng.integers(0, 10, n).astype(np.int32)
+    generator = None
+    if setup.uses_generator:
+        model = mnist_cgn.from_config(cgn_config.model)
+        generator = Generator(model, mnist_cgn.init_variables(model, jax.random.PRNGKey(0)))
+    log(f"timing the {setup.variant} classifier ({setup.mode}"
+        + (", CGN on the fly" if setup.uses_generator else "") + f"): global batch {setup.batch_size} on "
+        f"{len(devices)} {devices[0].device_kind} device(s), {1 + timed} epochs of {steps} steps")
+    result = train_classifier(setup, data, assets, generator, seeds=(int(config.seed),), devices=devices,
+                              progress=False)
+    history, timing = result["history"], result["timing"]
+    seconds = [r["train_seconds"] / steps for r in history[1:]]
+    t = _times(seconds)
+    images = timing["images_per_step"]
+    return {
+        "what": "train", "family": "mnist_classifier", "variant": setup.variant, "mode": setup.mode,
+        "compute_dtype": "float32", "global_batch": images, "per_device_batch": images // len(devices),
+        "devices": len(devices), "device_kind": devices[0].device_kind, "loop": timing["loop"],
+        "cgn_on_the_fly": setup.uses_generator, "data": "synthetic digits and labels", "render_assets": assets_note,
+        "steps": steps, "warmup": 1, "setup_s": None, "lower_s": None, "compile_s": None,
+        "first_epoch_train_s": history[0]["train_seconds"], "step_time_s": t, "process_cpu_s_per_step": None,
+        "images_per_s": {"total": images / t["median"], "per_device": images / len(devices) / t["median"]},
+        "flops_per_step": {"per_device": None, "total": None, "source": None, "compiled_per_device": None},
+        "tflops_per_s_per_device": None, "peak_tflops_per_device": None, "peak_source": None, "mfu": None,
+        "peak_memory_bytes": peak_memory(devices), "compiled_memory": None, "profile_dir": None,
+    }
+
+
 # ---------------------------------------------------------------------------- generation
 
 def load_generation_model(config, checkpoint: str | None, log=print):
@@ -626,13 +689,20 @@ def format_table(r: dict) -> str:
                                   f"counterfactual per device), {r['image_size']} px"),
                  ("model", f"{r['arch']} ensemble, BatchNorm {'frozen' if r['frozen_bn'] else 'trained'}; "
                            "random weights"), ("data", r["data"])]
+    elif r.get("family") == "mnist_classifier":
+        rows += [("mode", f"{r['mode']}" + (", CGN sampled inside the step" if r["cgn_on_the_fly"] else "")),
+                 ("global batch", f"{r['global_batch']} ({r['per_device_batch']} per device)"),
+                 ("data", r["data"]), ("timing", f"per-step time of epochs 2+ ({r['loop']} loop); the first epoch "
+                                                  f"(compilation included) took {r['first_epoch_train_s']:.1f} s")]
     elif r["what"] == "train":
         rows += [("global batch", f"{r['global_batch']} ({r['per_device_batch']} per device)"),
                  ("data", r["data"]), ("VGG16 weights", r["vgg16_weights"])]
     else:
         rows += [("images per call", f"{r['images_per_call']} ({r['n_shapes']} shapes x {r['num_cfs']} cfs)"),
                  ("generator weights", r["weights"])]
-    rows += [("lower / compile", f"{r['lower_s']:.2f} s / {r['compile_s']:.2f} s"),
+    if r.get("compile_s") is not None:
+        rows.append(("lower / compile", f"{r['lower_s']:.2f} s / {r['compile_s']:.2f} s"))
+    rows += [
              (f"{what} (median)", f"{_ms(t['median'])} over {t['n']} (min {_ms(t['min'])}, max {_ms(t['max'])})"),
              ("images/s", f"{_num(r['images_per_s']['total'])} total, {_num(r['images_per_s']['per_device'])} per device")]
     cpu = r.get("process_cpu_s_per_step", r.get("process_cpu_s_per_call"))
@@ -727,16 +797,17 @@ def run(args) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     family = config.get("family", "mnist")
-    if family not in ("mnist", "imagenet", "imagenet_classifier"):
-        raise CLIError(f"`cgn-jax bench` times the configs/mnist.py, configs/imagenet.py and "
-                       f"configs/imagenet_classifier.py steps, not family {family!r}; `cgn-jax train-classifier` "
-                       "logs the MNIST classifier's images/s per epoch")
+    if family not in ("mnist", "imagenet", "imagenet_classifier", "mnist_classifier"):
+        raise CLIError(f"`cgn-jax bench` times the steps of configs/mnist.py, configs/imagenet.py, "
+                       f"configs/classifier.py and configs/imagenet_classifier.py, not config family {family!r}")
+    if family == "mnist_classifier" and (args.profile or args.dtype == "bfloat16"):
+        raise CLIError("the MNIST classifier bench has no --profile and runs in float32")
     if family != "mnist" and args.what != "train":
         raise CLIError("--what generate times MNIST counterfactual generation; for ImageNet use "
                        "`cgn-jax generate --config=configs/imagenet.py ...`, which reports images/s")
     if args.dtype and family == "imagenet_classifier":
         config.model.dtype = args.dtype
-    elif args.dtype:
+    elif args.dtype and family != "mnist_classifier":
         config.train.compute_dtype = args.dtype
     if args.batch is not None:
         if args.batch < 1:
@@ -754,7 +825,7 @@ def run(args) -> int:
                 config.train.per_device_batch = per_device
             else:  # real images; counterfactuals add data.cf_ratio times as many
                 config.train.per_device_batch_size = per_device
-        elif args.what == "train":
+        elif args.what == "train":  # the MNIST CGN's and classifier's global batch
             config.train.batch_size = args.batch
         else:
             config.generate.batch_size = args.batch
@@ -779,6 +850,9 @@ def run(args) -> int:
         elif family == "imagenet_classifier":
             result = bench_imagenet_classifier(config, steps=args.steps, warmup=args.warmup, n_devices=args.devices,
                                                profile=args.profile, log=log)
+        elif family == "mnist_classifier":
+            result = bench_mnist_classifier(config, steps=args.steps, warmup=args.warmup, n_devices=args.devices,
+                                            log=log)
         elif args.what == "train":
             result = bench_train(config, steps=args.steps, warmup=args.warmup, n_devices=args.devices,
                                  data=args.data, profile=args.profile, log=log)

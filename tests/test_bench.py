@@ -125,8 +125,8 @@ def test_bench_imagenet_micro_step():
 
 
 def test_bench_refuses_what_it_cannot_time():
-    p = _bench("--config=configs/classifier.py:colored,original", "--steps", "1", timeout=300)
-    assert p.returncode == 2 and "train-classifier" in p.stderr and "Traceback" not in p.stderr
+    p = _bench("--config=configs/classifier.py:colored,original", "--steps", "1", "--profile", "/tmp/x", timeout=300)
+    assert p.returncode == 2 and "no --profile" in p.stderr and "Traceback" not in p.stderr
     p = _bench("--config=configs/imagenet.py:tiny", "--what", "generate", "--steps", "1", timeout=300)
     assert p.returncode == 2 and "cgn-jax generate" in p.stderr and "Traceback" not in p.stderr
     p = _bench("--config=configs/imagenet.py:tiny", "--batch", "3", "--steps", "1", devices=2, timeout=300)
@@ -142,3 +142,15 @@ def test_bench_imagenet_classifier_json():
     t = r["step_time_s"]
     assert t["n"] == 2 and r["images_per_s"]["total"] == pytest.approx(8 / t["median"])
     assert r["flops_per_step"]["per_device"] > 1e6 and r["mfu"] is None
+
+
+def test_bench_mnist_classifier_with_the_cgn_on_the_fly():
+    p = _bench("--config=configs/classifier.py:colored,original+cgn", "--batch", "8", "--steps", "3", "--warmup", "1",
+               "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)
+    assert r["family"] == "mnist_classifier" and r["mode"] == "original+cgn" and r["cgn_on_the_fly"]
+    assert r["global_batch"] == 8 and r["loop"] == "steps"
+    t = r["step_time_s"]
+    assert t["n"] == 1 and r["images_per_s"]["total"] == pytest.approx(8 / t["median"])
+    assert r["first_epoch_train_s"] > t["median"]  # the first epoch compiles
