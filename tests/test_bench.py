@@ -105,6 +105,7 @@ def test_cost_flops_return_variants():
     assert bench.cost_flops(Fake(NotImplementedError())) is None
 
 
+@pytest.mark.slow  # compiles a whole training step; the step itself is tested elsewhere
 def test_bench_imagenet_micro_step():
     """The ImageNet CGN's real micro-step, tiny random networks: bench schema, accumulation figures, table."""
     from test_imagenet_cgn import tiny_config
@@ -144,6 +145,7 @@ def test_bench_imagenet_classifier_json():
     assert r["flops_per_step"]["per_device"] > 1e6 and r["mfu"] is None
 
 
+@pytest.mark.slow  # compiles a whole training step; the step itself is tested elsewhere
 def test_bench_mnist_classifier_with_the_cgn_on_the_fly():
     p = _bench("--config=configs/classifier.py:colored,original+cgn", "--batch", "8", "--steps", "3", "--warmup", "1",
                "--json")
