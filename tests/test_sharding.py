@@ -73,7 +73,7 @@ def test_bad_layouts_say_what_to_change():
 def test_reading_rows_of_a_split_reads_exactly_those(tmp_path):
     from conftest import SHARED
 
-    from cgn_jax.data import load_variant, variant_size
+    from cgn_jax.data import load_variant, open_split, variant_size
 
     args = dict(mnist_dir=SHARED / "data" / "mnist", data_dir=tmp_path, limit=64)
     full = load_variant("colored", "train", **args)
@@ -83,3 +83,7 @@ def test_reading_rows_of_a_split_reads_exactly_those(tmp_path):
         np.testing.assert_array_equal(part[k], v[16:40], err_msg=k)
     with pytest.raises(ValueError, match="rows"):
         load_variant("colored", "train", rows=(40, 80), **args)
+    split = open_split("colored", "train", **args)  # what training uses: one builder for size and rows
+    assert split.size == 64
+    np.testing.assert_array_equal(split.read(rows=(3, 9))["digit"], full["digit"][3:9])
+

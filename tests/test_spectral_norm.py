@@ -307,6 +307,16 @@ def test_converter_writes_what_power_iteration_needs_and_old_conversions_are_ref
                                conv_kernel(small["sd"]["generator.layers.1.conv_1.weight_orig"]), rtol=1e-6, atol=1e-8)
     np.testing.assert_array_equal(power["params"]["conv_to_rgb"]["kernel"],
                                   conv_kernel(small["sd"]["generator.conv_to_rgb.weight_orig"]))
+    # the ImageNet CGN's mechanisms start from these variables, unfolded from the frozen (folded) BigGAN
+    import ml_collections
+
+    from cgn_jax.models import imagenet_cgn as M
+
+    model_config = ml_collections.ConfigDict({"biggan": str(dst), "spectral_norm": POWER_ITERATION})
+    params, spectral = M.initial_mechanisms(model_config, {"biggan": folded}, 0)
+    for name in M.MECHANISMS:
+        jax.tree.map(np.testing.assert_array_equal, {"params": params[name], SPECTRAL: spectral[name]},
+                     {"params": power["params"], SPECTRAL: power[SPECTRAL]})
     # a conversion from before this mode: folded still loads, power iteration names the fix
     import shutil
 

@@ -189,6 +189,22 @@ def test_frame_prior_enters_the_generator_loss():
     assert m["g_loss"] == pytest.approx(m["g_adv"] + m["g_mask"] + m["g_perc"] + m["g_frame"], rel=1e-5)
 
 
+def test_a_step_refuses_a_data_layout_made_for_another_global_batch():
+    from cgn_jax import parallel as P
+    from cgn_jax.data.sharding import DataShards
+    from cgn_jax.train import mnist as M
+    from cgn_jax.train import mnist_step as S
+
+    config = tiny_config("colored")
+    devices = jax.local_devices()[:1]
+    ctx, n = M.step_context(config, devices)
+    state = P.replicate(S.init_state(config), devices)
+    evaluate = S.pmap_eval_step(config, BATCH, DataShards(n.num_examples, 1, 2 * BATCH), devices)
+    with pytest.raises(ValueError, match=f"{BATCH} examples on each of 1 devices is not the data layout's "
+                                         f"global batch {2 * BATCH}"):
+        evaluate(state, ctx, P.replicate(np.int32(0), devices))
+
+
 # ---------------------------------------------------------------------------- one device vs eight
 
 _SPLIT_SCRIPT = textwrap.dedent("""

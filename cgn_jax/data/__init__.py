@@ -12,6 +12,7 @@ _LAZY = {
     "prepare": "cgn_jax.data.builders",
     "read_split": "cgn_jax.data.builders",
     "variant_size": "cgn_jax.data.builders",
+    "open_split": "cgn_jax.data.builders",
     "make_split": "cgn_jax.data.builders",
     "default_data_dir": "cgn_jax.data.builders",
     "load_mnist": "cgn_jax.data.idx",

@@ -411,6 +411,28 @@ def _check_rows(rows, n: int) -> tuple[int, int]:
     return start, stop
 
 
+@dataclasses.dataclass(frozen=True)
+class VariantSplit:
+    """One prepared split: its size is known before any row is read, and the builder is made once."""
+
+    builder: _MnistVariant
+    split: str
+    limit: int | None = None
+
+    @property
+    def size(self) -> int:
+        n = self.builder.info.splits[self.split].num_examples
+        return n if self.limit is None else min(int(self.limit), n)
+
+    def read(self, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        return read_split(self.builder, self.split, self.limit, rows)
+
+
+def open_split(variant: str, split: str, *, limit: int | None = None, **kwargs) -> VariantSplit:
+    """The split `load_variant` reads, built first if needed (same arguments, without `rows`)."""
+    return VariantSplit(_prepared_builder(variant, split, limit=limit, **kwargs), split, limit)
+
+
 def load_variant(variant: str, split: str, *, mnist_dir: str | os.PathLike | None = None,
                  textures_dir: str | os.PathLike | None = None,
                  data_dir: str | os.PathLike | None = None, correlation: float = 1.0,
@@ -424,16 +446,13 @@ def load_variant(variant: str, split: str, *, mnist_dir: str | os.PathLike | Non
     `rows=(start, stop)` reads only those rows of the (limited) split: a host of a
     multi-host run loads just its shard (`cgn_jax.data.sharding`).
     """
-    builder = _prepared_builder(variant, split, mnist_dir=mnist_dir, textures_dir=textures_dir, data_dir=data_dir,
-                                correlation=correlation, seed=seed, limit=limit)
-    return read_split(builder, split, limit, rows)
+    return open_split(variant, split, mnist_dir=mnist_dir, textures_dir=textures_dir, data_dir=data_dir,
+                      correlation=correlation, seed=seed, limit=limit).read(rows)
 
 
 def variant_size(variant: str, split: str, *, limit: int | None = None, **kwargs) -> int:
     """Number of examples `load_variant` returns for these arguments (without reading them)."""
-    builder = _prepared_builder(variant, split, limit=limit, **kwargs)
-    n = builder.info.splits[split].num_examples
-    return n if limit is None else min(int(limit), n)
+    return open_split(variant, split, limit=limit, **kwargs).size
 
 
 def _prepared_builder(variant: str, split: str, *, mnist_dir=None, textures_dir=None, data_dir=None,

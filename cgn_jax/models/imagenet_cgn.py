@@ -308,16 +308,17 @@ def initial_mechanisms(model_config, frozen, seed: int = 0):
     Folded: (`initial_params(frozen)`, None). Power iteration: each mechanism gets its own
     copy of the pretrained `weight_orig` (recovered by `load_biggan`) and u, v, as the
     official loads the checkpoint into each; for "random" the same random draw that
-    `load_networks` folded into the x_gt BigGAN.
+    `load_networks` folded into the x_gt BigGAN. A checkpoint's kernels are not read again:
+    they are unfolded from `frozen`'s, with the converter's `spectral_norm/` data.
     """
     if spectral_norm_mode(model_config) == FOLDED:
         return initial_params(frozen), None
     if model_config.biggan == RANDOM:
         variables = random_biggan(biggan_config_from(model_config.arch), seed, POWER_ITERATION)
     else:
-        from cgn_jax.port.biggan import load_biggan
+        from cgn_jax.port.biggan import power_iteration_variables
 
-        _, variables = load_biggan(model_config.biggan, spectral_norm=POWER_ITERATION)
+        variables = power_iteration_variables(model_config.biggan, frozen["biggan"])
     copy = lambda tree: jax.tree.map(lambda x: np.array(x, copy=True), tree)  # noqa: E731
     return ({name: copy(variables["params"]) for name in MECHANISMS},
             {name: copy(variables[SPECTRAL]) for name in MECHANISMS})

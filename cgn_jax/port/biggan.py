@@ -283,6 +283,18 @@ def load_biggan(path, spectral_norm: str = FOLDED, **module_kwargs):
     variables = restore_variables(path, expected=BigGANDeep(config=config).init_shapes())
     if spectral_norm == FOLDED:
         return module, variables
-    variables = unfold_spectral_norm(variables, read_spectral_norm_data(path, config))
+    return module, power_iteration_variables(path, variables, config)
+
+
+def power_iteration_variables(path, folded: dict, config: BigGANConfig | None = None) -> dict:
+    """The power-iteration variables of the checkpoint at `path`, given its folded variables.
+
+    Only `spectral_norm/` (sigma, u, v: small) is read, so a caller that already holds
+    the folded weights does not read the large kernels twice.
+    """
+    if config is None:
+        config = BigGANConfig.from_dict(read_meta(path)["config"])
+    variables = unfold_spectral_norm(folded, read_spectral_norm_data(path, config))
+    module = BigGANDeep(config=config, spectral_norm=POWER_ITERATION)
     check_tree_matches(module.init_shapes(), variables, what=f"power-iteration variables from {path}")
-    return module, variables
+    return variables

@@ -165,30 +165,29 @@ def step_context(config, devices) -> tuple[S.StepContext, DataShards]:
 
     This host loads only the rows its devices read (`DataShards.host_rows`).
     """
-    from cgn_jax.data import variant_size
+    from cgn_jax.data import open_split
 
-    layout = sharding.resolve(variant_size(config.variant, "train", **_data_args(config)),
-                              int(config.train.batch_size), int(config.dataset.get("shards", 0)))
+    split = open_split(config.variant, "train", **_data_args(config))
+    layout = sharding.resolve(split.size, int(config.train.batch_size), int(config.dataset.get("shards", 0)))
     start, stop = layout.host_rows(jax.process_index(), jax.process_count())
     if jax.process_count() > 1:
         print(f"process {jax.process_index()}: loading rows [{start}, {stop}) of {layout.num_examples} "
               f"({layout.num_shards} shard(s))", flush=True)
-    dataset = load_train_data(config, rows=(start, stop))
+    dataset = split.read(rows=(start, stop))
     ctx = S.StepContext(data=S.device_dataset(dataset), assets=_render_assets(config), perceptual=_perceptual(config),
                         data_offset=np.int32(start))
     return parallel.replicate(ctx, devices), layout
 
 
-def load_train_data(config, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-    """The training split of `config.variant` as numpy arrays (see `cgn_jax.data.load_variant`),
-    or only rows [start, stop) of it.
+def load_train_data(config) -> dict[str, np.ndarray]:
+    """The training split of `config.variant` as numpy arrays (see `cgn_jax.data.load_variant`).
 
     The dataset's own seed (`dataset.seed`, default 0) is not the run's seed: a new run seed
     changes the training randomness, not the benchmark data (and needs no rebuild of them).
     """
     from cgn_jax.data import load_variant
 
-    return load_variant(config.variant, "train", rows=rows, **_data_args(config))
+    return load_variant(config.variant, "train", **_data_args(config))
 
 
 def _data_args(config) -> dict:

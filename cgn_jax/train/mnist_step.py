@@ -287,15 +287,11 @@ def _metrics(terms: dict, mask, axis_name: str) -> dict:
     return {k: metrics[k].astype(jnp.float32) for k in METRICS}
 
 
-def _local_batch(global_batch: int, data: int | DataShards, devices) -> tuple[int, DataShards]:
+def _per_device_batch(global_batch: int, devices) -> int:
+    """A `data` layout made for another global batch is refused when the step is traced (`inputs`)."""
     from cgn_jax.parallel import per_device_batch
 
-    local = per_device_batch(global_batch, len(devices) * jax.process_count())
-    if isinstance(data, DataShards):
-        if data.global_batch != global_batch:
-            raise ValueError(f"the data layout is for global batch {data.global_batch}, not {global_batch}")
-        return local, data
-    return local, DataShards(int(data), 1, global_batch)
+    return per_device_batch(global_batch, len(devices) * jax.process_count())
 
 
 def pmap_train_step(config, global_batch: int, data: int | DataShards, devices: Sequence | None = None):
@@ -303,7 +299,7 @@ def pmap_train_step(config, global_batch: int, data: int | DataShards, devices: 
 
     Raises `parallel.BatchSplitError` if the global batch does not split over the devices.
     """
-    local, data = _local_batch(global_batch, data, devices if devices is not None else jax.local_devices())
+    local = _per_device_batch(global_batch, devices if devices is not None else jax.local_devices())
     step = make_train_step(config, local, data)
     return jax.pmap(step, axis_name=AXIS, devices=list(devices) if devices is not None else None,
                     donate_argnums=(0, 1))
@@ -311,6 +307,6 @@ def pmap_train_step(config, global_batch: int, data: int | DataShards, devices: 
 
 def pmap_eval_step(config, global_batch: int, data: int | DataShards, devices: Sequence | None = None):
     """`make_eval_step` compiled over `devices`; `at_step` is a replicated int32."""
-    local, data = _local_batch(global_batch, data, devices if devices is not None else jax.local_devices())
+    local = _per_device_batch(global_batch, devices if devices is not None else jax.local_devices())
     evaluate = make_eval_step(config, local, data)
     return jax.pmap(evaluate, axis_name=AXIS, devices=list(devices) if devices is not None else None)
