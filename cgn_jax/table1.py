@@ -7,8 +7,10 @@ of the final train and test accuracy, next to the paper's test accuracy.
 Why it is built this way:
 - All seeds of a row train together (vmapped) and an epoch is one on-device call, so a
   row costs about `epochs` calls plus one compilation (see cgn_jax/train/classifier.py).
-- Results are written to a JSON file after every row and rows already there are skipped,
-  so a run that is cut off (a time-limited accelerator session) resumes where it stopped.
+- Results are written to a JSON file after every training call (a row's seeds together
+  on an accelerator, one seed at a time on a CPU), and seeds already there under the
+  same protocol are skipped, so a run that is cut off resumes where it stopped. A row's
+  seeds may come from several calls or machines (`--merge` joins them).
 - The accelerator machine may lack the TFDS stack. `--export-data DIR` (run where
   `cgn-jax` is fully installed) writes one self-contained `VARIANT.npz` per variant: the
   real digits with the cue labels of every environment, the test split, the render
@@ -58,7 +60,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANT_ORDER), help="MNIST variants (columns)")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_ORDER),
                         help=f"rows: {', '.join(METHODS)}")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed, trained together")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed: vmapped together on accelerators, one after another on a CPU")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", default="docs/table1.md", help="Markdown table (rewritten from all results)")
     parser.add_argument("--results", default="", help="raw results JSON (default: --out with .json); resumed")
@@ -277,6 +279,53 @@ def _jsonable(x):
     return x
 
 
+# a row's protocol: what must agree for seeds of different calls to share a row
+_PROTOCOL_KEYS = ("epochs", "limit", "generator", "setup")
+
+
+def _protocol(row: dict) -> dict:
+    return _jsonable({k: row.get(k) for k in _PROTOCOL_KEYS})
+
+
+def _parts(row: dict) -> list[dict]:
+    """The training calls a row is made of (results written before parts existed: one)."""
+    if "parts" in row:
+        return row["parts"]
+    return [{k: row[k] for k in ("seeds", "train_acc", "test_acc", "history", "timing", "device") if k in row}]
+
+
+def _with_parts(row: dict, parts: list[dict]) -> dict:
+    """`row` holding `parts`, its per-seed lists (in seed order) and total time rebuilt from them."""
+    per_seed = {}
+    for part in parts:
+        for i, seed in enumerate(part["seeds"]):
+            per_seed[seed] = (part["train_acc"][i], part["test_acc"][i])
+    seeds = sorted(per_seed)
+    devices = sorted({p.get("device", row.get("device", "?")) for p in parts})
+    return {**{k: v for k, v in row.items() if k != "history"}, "parts": parts, "seeds": seeds,
+            "train_acc": [per_seed[s][0] for s in seeds], "test_acc": [per_seed[s][1] for s in seeds],
+            "device": ", ".join(devices),
+            "timing": {"total_seconds": sum(p["timing"]["total_seconds"] for p in parts)}}
+
+
+def combine_rows(old: dict | None, new: dict, where: str = "") -> dict:
+    """`new`'s seeds added to `old`'s (same protocol), replacing seeds both hold; else `new` alone."""
+    if old is None:
+        return _with_parts(new, _parts(new))
+    if _protocol(old) != _protocol(new):
+        print(f"table1: {where or new.get('variant', '?') + '/' + new.get('row', '?')}: the protocol differs "
+              f"from the stored row's (epochs, limit, generator or setup), so the new seeds replace it",
+              file=sys.stderr)
+        return _with_parts(new, _parts(new))
+    new_parts = _parts(new)
+    taken = {s for p in new_parts for s in p["seeds"]}
+    kept = [p for p in _parts(old) if not taken & set(p["seeds"])]
+    if any(taken & set(p["seeds"]) for p in _parts(old)):
+        print(f"table1: {where}: seeds {sorted(taken)} were already stored; the new results replace them",
+              file=sys.stderr)
+    return _with_parts(new, kept + new_parts)
+
+
 def run(args) -> int:
     from cgn_jax.cli import CLIError
 
@@ -308,7 +357,8 @@ def run(args) -> int:
                 part = json.loads(Path(path).read_text())
             except (OSError, ValueError) as e:
                 raise CLIError(f"cannot read results {path}: {e}") from e
-            merged["runs"].update(part.get("runs", {}))
+            for key, row in part.get("runs", {}).items():
+                merged["runs"][key] = combine_rows(merged["runs"].get(key), row, f"{path}: {key}")
             merged["meta"] = part.get("meta", merged.get("meta", {}))
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(merged, indent=1))
@@ -358,20 +408,36 @@ def run(args) -> int:
         if gen_dir and len(methods) < len(args.methods):
             print(f"table1: {variant}: --generator given, so only the rows that use a generator run "
                   f"({', '.join(methods) or 'none'})", file=sys.stderr)
-        todo = [m for m in methods
-                if not ((r := results["runs"].get(f"{variant}/{m}{suffix}")) and r["seeds"] == list(args.seeds)
-                        and r["epochs"] == args.epochs and r.get("limit") == args.limit)]
-        if not todo:
-            print(f"table1: {variant}: all rows already in {results_path}", file=sys.stderr)
+        plans = []
+        for method in methods:
+            key = f"{variant}/{method}{suffix}"
+            mode, correlations = METHODS[method]
+            try:
+                setup = ClassifierSetup(variant, mode=mode, irm_correlations=correlations,
+                                        irm_penalty_weight=args.irm_penalty, irm_anneal_steps=args.irm_anneal_steps,
+                                        real_fraction=args.real_fraction, epochs=args.epochs, pool=args.pool,
+                                        steps_per_epoch=args.steps_per_epoch)
+            except (SetupError, ValueError) as e:
+                raise CLIError(f"{key}: {e}") from e
+            protocol = {"epochs": args.epochs, "limit": args.limit, "generator": gen_dir or "official",
+                        "setup": {k: getattr(setup, k) for k in setup.__dataclass_fields__}}
+            stored = results["runs"].get(key)
+            done = set(stored["seeds"]) if stored and _protocol(stored) == _protocol(protocol) else set()
+            todo = [s for s in args.seeds if s not in done]
+            if todo:
+                plans.append((method, key, setup, protocol, todo))
+            else:
+                print(f"table1: {key}: seeds {list(args.seeds)} already in {results_path}", file=sys.stderr)
+        if not plans:
             continue
         try:
             if args.data:
                 bundle = load_bundle(Path(args.data) / f"{variant}.npz")
             else:
-                bundle = collect_variant(variant, todo, **dirs, **limits)
+                bundle = collect_variant(variant, [p[0] for p in plans], **dirs, **limits)
         except (FileNotFoundError, ValueError) as e:
             raise CLIError(str(e)) from e
-        for method in todo:
+        for method, key, setup, protocol, todo in plans:
             mode, correlations = METHODS[method]
             try:
                 data, assets, generator = method_inputs(bundle, method, gen_dir)
@@ -380,31 +446,31 @@ def run(args) -> int:
                     from cgn_jax import mask_stats
 
                     frame_means = mask_stats.check_generator(generator.model, generator.variables,
-                                                             f"table1 {variant}/{method}{suffix}, generator")
+                                                             f"table1 {key}, generator")
                     masks = {"mask_frame_means": [round(float(m), 4) for m in frame_means],
                              "inverted_classes": mask_stats.inverted_classes(frame_means)}
-                setup = ClassifierSetup(variant, mode=mode, irm_correlations=correlations,
-                                        irm_penalty_weight=args.irm_penalty, irm_anneal_steps=args.irm_anneal_steps,
-                                        real_fraction=args.real_fraction, epochs=args.epochs, pool=args.pool,
-                                        steps_per_epoch=args.steps_per_epoch)
-                res = train_classifier(setup, data, assets, generator, seeds=args.seeds,
-                                       vmap_seeds={"auto": None, "yes": True, "no": False}[args.vmap_seeds],
-                                       progress=not args.no_progress)
+                vmap = {"auto": None, "yes": True, "no": False}[args.vmap_seeds]
+                if vmap is None:
+                    vmap = jax.devices()[0].platform != "cpu"
+                # seeds trained together share one call; apart, each is saved as soon as it ends
+                for group in ([todo] if vmap else [[s] for s in todo]):
+                    res = train_classifier(setup, data, assets, generator, seeds=group, vmap_seeds=vmap,
+                                           progress=not args.no_progress)
+                    last = res["history"][-1]
+                    row = {
+                        "variant": variant, "method": method, "row": method + suffix, **protocol,
+                        "mode": mode, "irm_correlations": list(correlations), **masks,
+                        "steps_per_epoch": res["steps_per_epoch"],
+                        "parts": [{"seeds": list(group), "train_acc": last["train_acc"], "test_acc": last["test_acc"],
+                                   "history": res["history"], "timing": res["timing"],
+                                   "device": results["meta"]["device"]}],
+                    }
+                    results["runs"][key] = combine_rows(results["runs"].get(key), row, key)
+                    print(f"table1: {key}: seeds {group}: test acc {_fmt(last['test_acc'])}, train acc "
+                          f"{_fmt(last['train_acc'])} ({res['timing']['total_seconds']:.0f}s)", file=sys.stderr)
+                    save()
             except (SetupError, ValueError, FileNotFoundError) as e:
-                raise CLIError(f"{variant}/{method}: {e}") from e
-            last = res["history"][-1]
-            results["runs"][f"{variant}/{method}{suffix}"] = {
-                "variant": variant, "method": method, "row": method + suffix, "generator": gen_dir or "official",
-                "mode": mode, "irm_correlations": list(correlations),
-                "seeds": list(args.seeds), "epochs": args.epochs, "limit": args.limit,
-                "device": results["meta"]["device"], "steps_per_epoch": res["steps_per_epoch"],
-                "train_acc": last["train_acc"],
-                "test_acc": last["test_acc"], **masks, "history": res["history"], "timing": res["timing"],
-                "setup": {k: getattr(setup, k) for k in setup.__dataclass_fields__},
-            }
-            print(f"table1: {variant}/{method}{suffix}: test acc {_fmt(last['test_acc'])}, train acc "
-                  f"{_fmt(last['train_acc'])} ({res['timing']['total_seconds']:.0f}s)", file=sys.stderr)
-            save()
+                raise CLIError(f"{key}: {e}") from e
     save()
     print(f"wrote {out} and {results_path}", file=sys.stderr)
     return 0

@@ -251,6 +251,38 @@ def test_table1_bundle_roundtrip_and_markdown(tmp_path):
     assert "colored/original+cgn@ours: the CGN's mask is inverted (covers the background) for classes 1, 6" in md
 
 
+def test_table1_rows_gather_seeds_from_several_calls(tmp_path, capsys):
+    """Seeds of one protocol trained in different calls (or machines) make one row; another protocol replaces it."""
+    from cgn_jax import cli, table1
+
+    def row(seeds, test, epochs=10):
+        return {"variant": "colored", "method": "original", "row": "original", "epochs": epochs, "limit": 0,
+                "generator": "official", "setup": {"lr": 1.0, "pool": "official"},
+                "parts": [{"seeds": seeds, "train_acc": [0.9] * len(seeds), "test_acc": test,
+                           "timing": {"total_seconds": 100.0}, "device": "1 x cpu"}]}
+
+    both = table1.combine_rows(table1.combine_rows(None, row([2], [0.5])), row([0], [0.3]))
+    assert both["seeds"] == [0, 2] and both["test_acc"] == [0.3, 0.5] and both["timing"]["total_seconds"] == 200.0
+    again = table1.combine_rows(both, row([2], [0.7]))  # a seed trained again replaces its old result
+    assert again["seeds"] == [0, 2] and again["test_acc"] == [0.3, 0.7] and len(again["parts"]) == 2
+    other = table1.combine_rows(both, row([1], [0.9], epochs=1))
+    assert other["seeds"] == [1] and "protocol differs" in capsys.readouterr().err
+    # a row written before rows had parts counts as one part
+    old = {k: v for k, v in row([0, 1], [0.2, 0.4]).items() if k != "parts"}
+    old.update(seeds=[0, 1], train_acc=[0.9, 0.9], test_acc=[0.2, 0.4], timing={"total_seconds": 50.0},
+               history=[{"epoch": 10}])
+    assert table1.combine_rows(old, row([2], [0.6]))["test_acc"] == [0.2, 0.4, 0.6]
+
+    files = []
+    for seed, acc in ((0, 0.30), (1, 0.40)):
+        files.append(tmp_path / f"s{seed}.json")
+        files[-1].write_text(json.dumps({"meta": {"device": "1 x cpu"}, "runs": {"colored/original": row([seed], [acc])}}))
+    out = tmp_path / "t1.md"
+    assert cli.main(["table1", "--merge", *map(str, files), "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["runs"]["colored/original"]["seeds"] == [0, 1]
+    assert "| Original | 90.0 ± 0.0 | 35.0 ± 7.1 | 35.9 |" in out.read_text()
+
+
 @pytest.mark.slow
 def test_cli_trains_with_on_the_fly_counterfactuals(tmp_path, mnist_dir, tfds_dir):
     from cgn_jax import cli
@@ -287,6 +319,13 @@ def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir):
     assert "| Original |" in md and "| IRM (2 envs) |" in md
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["runs"]["colored/irm2"]["seeds"] == [0, 1]
+    # a later call with one more seed trains only that seed, in the same rows
+    assert cli.main(["table1", "--data", str(bundles), "--variants", "colored", "--methods", "original", "irm2",
+                     "--seeds", "0", "1", "2", "--epochs", "1", "--steps-per-epoch", "4", "--out", str(out),
+                     "--no-progress"]) == 0
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["runs"]["colored/irm2"]["seeds"] == [0, 1, 2]
+    assert [p["seeds"] for p in raw["runs"]["colored/irm2"]["parts"]][-1] == [2]
 
     # a CGN of our own (here: the official weights through `cgn-jax port`) in place of the bundle's
     gen = port_mnist.convert(SHARED / "weights" / "cgn_mnist" / "colored_MNIST.pth", tmp_path / "gen")
