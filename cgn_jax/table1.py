@@ -263,6 +263,9 @@ def render_markdown(results: dict) -> str:
         f"{total / 60:.1f} min of training (compilation included).",
     ]
     for key, r in sorted(runs.items()):
+        if sorted(r["seeds"]) != seeds:
+            notes.append(f"{key}: seeds {sorted(r['seeds'])} only.")
+    for key, r in sorted(runs.items()):
         if r.get("inverted_classes"):
             notes.append(f"{key}: the CGN's mask is inverted (covers the background) for classes "
                          f"{', '.join(map(str, r['inverted_classes']))} (`cgn_jax.mask_stats`).")

@@ -249,6 +249,7 @@ def test_table1_bundle_roundtrip_and_markdown(tmp_path):
     assert rows == ["| Original", "| Original + CGN", "| Original + CGN (CGN: ours)"]
     assert "| Original + CGN (CGN: ours) | 90.0 | 80.0 | 95.1 |" in md
     assert "colored/original+cgn@ours: the CGN's mask is inverted (covers the background) for classes 1, 6" in md
+    assert "colored/original+cgn: seeds [0] only." in md and "colored/original: seeds" not in md
 
 
 def test_table1_rows_gather_seeds_from_several_calls(tmp_path, capsys):
