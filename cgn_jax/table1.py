@@ -5,8 +5,9 @@ Original+CGN), columns the three MNIST variants; each cell is the mean ± std ov
 of the final train and test accuracy, next to the paper's test accuracy.
 
 Why it is built this way:
-- All seeds of a row train together (vmapped) and an epoch is one on-device call, so a
-  row costs about `epochs` calls plus one compilation (see cgn_jax/train/classifier.py).
+- On an accelerator all seeds of a row train together (vmapped) and an epoch is one
+  on-device call, so a row costs about `epochs` calls plus one compilation (see
+  cgn_jax/train/classifier.py).
 - Results are written to a JSON file after every training call (a row's seeds together
   on an accelerator, one seed at a time on a CPU), and seeds already there under the
   same protocol are skipped, so a run that is cut off resumes where it stopped. A row's
@@ -60,7 +61,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANT_ORDER), help="MNIST variants (columns)")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_ORDER),
                         help=f"rows: {', '.join(METHODS)}")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed: vmapped together on accelerators, one after another on a CPU")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="one run per seed: vmapped together on accelerators, one after another on a CPU")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", default="docs/table1.md", help="Markdown table (rewritten from all results)")
     parser.add_argument("--results", default="", help="raw results JSON (default: --out with .json); resumed")
