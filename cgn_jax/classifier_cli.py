@@ -5,12 +5,15 @@ into the plain `ClassifierSetup` of `cgn_jax.train.classifier`, gathers the data
 host (TFDS builds, a stored counterfactual dataset, the generator weights) and records
 what happened: `config.json`, `metrics.jsonl` (one line per epoch), `summary.json` and
 the final classifier weights (`classifier/`, Orbax, loadable with
-`cgn_jax.checkpoint.restore_variables`).
+`cgn_jax.checkpoint.restore_variables`). `checkpoints/` holds the training state after
+every epoch and at a SIGTERM/Ctrl-C, so re-running the same command continues the run
+exactly (and a finished run's command only rewrites its outputs).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -115,6 +118,7 @@ def run(args) -> int:
         raise CLIError(str(e)) from e
 
     from cgn_jax.train.classifier import train_classifier
+    from cgn_jax.train.signals import StopOnSignal
 
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
     metrics_path = workdir / "metrics.jsonl"
@@ -132,10 +136,16 @@ def run(args) -> int:
             f.write(json.dumps(row) + "\n")
 
     try:
-        result = train_classifier(setup, data, assets, generator, seeds=(config.seed,),
-                                  progress=not args.no_progress, on_epoch=on_epoch)
+        with StopOnSignal() as stop:
+            result = train_classifier(setup, data, assets, generator, seeds=(config.seed,),
+                                      progress=not args.no_progress, on_epoch=on_epoch,
+                                      checkpoint_dir=workdir / "checkpoints", stop=stop)
     except SetupError as e:
         raise CLIError(str(e)) from e
+    if result["status"] == "interrupted":
+        print(f"stopped by {signal.Signals(result['signal']).name}; checkpoint in {result['checkpoint_dir']}; "
+              "re-run the same command to continue", file=sys.stderr)
+        return 128 + result["signal"]
 
     from cgn_jax.checkpoint import save_variables
 

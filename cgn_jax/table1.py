@@ -10,8 +10,10 @@ Why it is built this way:
   cgn_jax/train/classifier.py).
 - Results are written to a JSON file after every training call (a row's seeds together
   on an accelerator, one seed at a time on a CPU), and seeds already there under the
-  same protocol are skipped, so a run that is cut off resumes where it stopped. A row's
-  seeds may come from several calls or machines (`--merge` joins them).
+  same protocol are skipped. A call in progress is checkpointed after every epoch and on
+  SIGTERM/Ctrl-C (in `RESULTS.ckpt/`, removed once its seeds are saved), so a run that is
+  cut off resumes where it stopped, to the step. A row's seeds may come from several
+  calls or machines (`--merge` joins them).
 - The accelerator machine may lack the TFDS stack. `--export-data DIR` (run where
   `cgn-jax` is fully installed) writes one self-contained `VARIANT.npz` per variant: the
   real digits with the cue labels of every environment, the test split, the render
@@ -21,8 +23,11 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -66,7 +71,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", default="docs/table1.md", help="Markdown table (rewritten from all results)")
     parser.add_argument("--results", default="", help="raw results JSON (default: --out with .json); resumed")
-    parser.add_argument("--fresh", action="store_true", help="rerun rows already in --results")
+    parser.add_argument("--fresh", action="store_true",
+                        help="rerun rows already in --results (and drop the checkpoints of unfinished calls)")
     parser.add_argument("--data", default="", help="directory of VARIANT.npz bundles from --export-data "
                                                    "(default: build the data here with TFDS)")
     parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
@@ -331,6 +337,24 @@ def combine_rows(old: dict | None, new: dict, where: str = "") -> dict:
     return _with_parts(new, kept + new_parts)
 
 
+def _slug(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+
+
+def _digest(protocol: dict) -> str:
+    """Short stable name of a protocol: checkpoints of another protocol never meet this one's."""
+    return hashlib.sha1(json.dumps(_jsonable(protocol), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _remove_checkpoints(directory: Path, root: Path) -> None:
+    """Drop a finished call's checkpoints, then the directories it leaves empty up to `root`."""
+    shutil.rmtree(directory, ignore_errors=True)
+    for parent in directory.parents:
+        if parent == root.parent or not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
 def run(args) -> int:
     from cgn_jax.cli import CLIError
 
@@ -374,12 +398,16 @@ def run(args) -> int:
 
     import jax
 
-    from cgn_jax.train.classifier import ClassifierSetup, SetupError, train_classifier
+    from cgn_jax.train.classifier import ClassifierSetup, SetupError, group_checkpoint_dir, train_classifier
+    from cgn_jax.train.signals import StopOnSignal
 
     if args.jax_cache:
         jax.config.update("jax_compilation_cache_dir", str(Path(args.jax_cache).absolute()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
+    checkpoints = results_path.with_name(results_path.stem + ".ckpt")
+    if args.fresh and checkpoints.exists():
+        shutil.rmtree(checkpoints)
     results = {"runs": {}}
     if results_path.is_file() and not args.fresh:
         results = json.loads(results_path.read_text())
@@ -458,9 +486,18 @@ def run(args) -> int:
                 if vmap is None:
                     vmap = jax.devices()[0].platform != "cpu"
                 # seeds trained together share one call; apart, each is saved as soon as it ends
+                row_checkpoints = checkpoints / _slug(key) / _digest(protocol)
                 for group in ([todo] if vmap else [[s] for s in todo]):
-                    res = train_classifier(setup, data, assets, generator, seeds=group, vmap_seeds=vmap,
-                                           progress=not args.no_progress)
+                    with StopOnSignal() as stop:
+                        res = train_classifier(setup, data, assets, generator, seeds=group, vmap_seeds=vmap,
+                                               progress=not args.no_progress, checkpoint_dir=row_checkpoints,
+                                               stop=stop)
+                    if res["status"] == "interrupted":
+                        save()
+                        print(f"table1: {key}: seeds {group}: stopped by {signal.Signals(res['signal']).name}; "
+                              f"checkpoint in {res['checkpoint_dir']}; re-run the same command to continue",
+                              file=sys.stderr)
+                        return 128 + res["signal"]
                     last = res["history"][-1]
                     row = {
                         "variant": variant, "method": method, "row": method + suffix, **protocol,
@@ -474,6 +511,7 @@ def run(args) -> int:
                     print(f"table1: {key}: seeds {group}: test acc {_fmt(last['test_acc'])}, train acc "
                           f"{_fmt(last['train_acc'])} ({res['timing']['total_seconds']:.0f}s)", file=sys.stderr)
                     save()
+                    _remove_checkpoints(group_checkpoint_dir(row_checkpoints, group), checkpoints)
             except (SetupError, ValueError, FileNotFoundError) as e:
                 raise CLIError(f"{key}: {e}") from e
     save()

@@ -6,6 +6,8 @@ the conftest fixtures) with small `limit=` TFDS builds in a temporary directory.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 
@@ -196,6 +198,51 @@ def test_classifier_learns_a_small_split(colored_envs):
     assert res["history"][-1]["train_acc"][0] > 0.2
 
 
+class _StopAfter:
+    """Stands in for `StopOnSignal`: SIGTERM arrives at the n-th look at `signum`."""
+
+    def __init__(self, n):
+        self.n = n
+
+    @property
+    def signum(self):
+        self.n -= 1
+        return 15 if self.n < 0 else None
+
+
+def test_an_interrupted_classifier_run_resumes_exactly(tmp_path):
+    """Stopped mid-epoch, then at an epoch's end, then resumed: the same weights and records as one run."""
+    from cgn_jax.data import make_assets
+
+    setup = C.ClassifierSetup("colored", mode="original", epochs=3, batch_size=32)  # 8 steps per epoch
+    data, assets = _toy_data(), make_assets("colored")
+    whole = C.train_classifier(setup, data, assets, seeds=(4,), progress=False)
+    assert whole["status"] == "completed"
+
+    ckpt, seen = tmp_path / "ckpt", []
+    first = C.train_classifier(setup, data, assets, seeds=(4,), progress=False, checkpoint_dir=ckpt,
+                               stop=_StopAfter(11), on_epoch=seen.append)
+    assert first["status"] == "interrupted" and first["signal"] == 15
+    assert [r["epoch"] for r in seen] == [1]  # stopped inside the second epoch
+    second = C.train_classifier(setup, data, assets, seeds=(4,), progress=False, checkpoint_dir=ckpt,
+                                stop=_StopAfter(5))
+    assert second["status"] == "interrupted"  # at the end of the second epoch (its last call does not stop)
+    seen = []
+    last = C.train_classifier(setup, data, assets, seeds=(4,), progress=False, checkpoint_dir=ckpt,
+                              on_epoch=seen.append)
+    assert last["status"] == "completed"
+    assert [r["epoch"] for r in seen] == [1, 2, 3] and [r.get("restored", False) for r in seen] == [True, True, False]
+    for a, b in zip(jax.tree.leaves(whole["variables"]), jax.tree.leaves(last["variables"])):
+        np.testing.assert_array_equal(a, b)
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert [r[key] for r in last["history"]] == [r[key] for r in whole["history"]], key
+
+    # the same directory under another setup is refused, with the way out
+    with pytest.raises(C.SetupError, match="another run.*setup.*delete"):
+        C.train_classifier(dataclasses.replace(setup, epochs=4), data, assets, seeds=(4,), progress=False,
+                           checkpoint_dir=ckpt)
+
+
 # ---------------------------------------------------------------- config and CLI
 def test_config_arg_and_errors(capsys):
     from cgn_jax import cli
@@ -289,21 +336,28 @@ def test_cli_trains_with_on_the_fly_counterfactuals(tmp_path, mnist_dir, tfds_di
     from cgn_jax import cli
 
     workdir = tmp_path / "run"
-    rc = cli.main(["train-classifier", "--config=configs/classifier.py:colored,original+cgn", f"--workdir={workdir}",
-                   "--no-progress", f"--config.dataset.mnist_dir={mnist_dir}", f"--config.dataset.data_dir={tfds_dir}",
-                   f"--config.dataset.limit={N_SMALL}", f"--config.dataset.test_limit={N_SMALL}",
-                   "--config.train.epochs=2", "--config.train.steps_per_epoch=5"])
-    assert rc == 0
+    command = ["train-classifier", "--config=configs/classifier.py:colored,original+cgn", f"--workdir={workdir}",
+               "--no-progress", f"--config.dataset.mnist_dir={mnist_dir}", f"--config.dataset.data_dir={tfds_dir}",
+               f"--config.dataset.limit={N_SMALL}", f"--config.dataset.test_limit={N_SMALL}",
+               "--config.train.epochs=2", "--config.train.steps_per_epoch=5"]
+    assert cli.main(command) == 0
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
     assert lines[0]["train_acc_gen"] is not None and lines[0]["test_acc"] >= 0
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["mode"] == "original+cgn" and (workdir / "classifier" / "meta.json").is_file()
+    # the same command again finds the finished run in checkpoints/ and only rewrites the outputs
+    assert cli.main(command) == 0
+    again = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in again] == [1, 2] and all(x["restored"] for x in again)
+    assert json.loads((workdir / "summary.json").read_text())["test_acc"] == summary["test_acc"]
 
 
 @pytest.mark.slow
-def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir):
+def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir, monkeypatch):
     from conftest import SHARED
+
+    from cgn_jax.train import signals
 
     from cgn_jax import cli
     from cgn_jax.port import mnist as port_mnist
@@ -313,9 +367,16 @@ def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir):
     assert cli.main(["table1", "--export-data", str(bundles), "--variants", "colored", "--methods", "original", "irm2",
                      "--mnist-dir", str(mnist_dir), "--tfds-dir", str(tfds_dir), "--limit", str(N_SMALL),
                      "--test-limit", str(N_SMALL)]) == 0
-    assert cli.main(["table1", "--data", str(bundles), "--variants", "colored", "--methods", "original", "irm2",
-                     "--seeds", "0", "1", "--epochs", "1", "--steps-per-epoch", "4", "--out", str(out),
-                     "--no-progress"]) == 0
+    first_call = ["table1", "--data", str(bundles), "--variants", "colored", "--methods", "original", "irm2",
+                  "--seeds", "0", "1", "--epochs", "1", "--steps-per-epoch", "4", "--out", str(out), "--no-progress"]
+    # SIGTERM in the middle of the first seed: a checkpoint, no row, exit status 128 + 15
+    with monkeypatch.context() as m:
+        m.setattr(signals, "StopOnSignal", lambda: contextlib.nullcontext(_StopAfter(1)))
+        assert cli.main(first_call) == 128 + 15
+    assert list((tmp_path / "t1.ckpt").glob("colored_original/*/seeds_0/*"))
+    assert not json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert cli.main(first_call) == 0  # continues, and drops each call's checkpoints once its seeds are saved
+    assert not (tmp_path / "t1.ckpt").exists()
     md = out.read_text()
     assert "| Original |" in md and "| IRM (2 envs) |" in md
     raw = json.loads(out.with_suffix(".json").read_text())

@@ -33,8 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import sys
 import time
+import zlib
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import chex
@@ -51,6 +55,7 @@ from cgn_jax.models.classifier import CNN, init_variables
 from cgn_jax.generate import sample_counterfactuals
 from cgn_jax.models.mnist_cgn import MnistCGN
 from cgn_jax.parallel import AXIS, replicate
+from cgn_jax.train.checkpointing import TrainCheckpoints
 
 MODES = ("original", "original+gan", "original+cgn", "cgn_only")
 GENERATED_MODES = ("original+gan", "original+cgn", "cgn_only")
@@ -440,7 +445,8 @@ def member_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array]:
 def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets: dict[str, Any],
                      generator: Generator | None = None, seeds: Sequence[int] = (0,), *,
                      devices: Sequence | None = None, vmap_seeds: bool | None = None, progress: bool = True,
-                     on_epoch: Callable[[dict], None] | None = None) -> dict:
+                     on_epoch: Callable[[dict], None] | None = None, checkpoint_dir: str | Path | None = None,
+                     stop: Any = None) -> dict:
     """Train one classifier per seed and evaluate each after every epoch.
 
     vmap_seeds: train all seeds in one vmapped computation (None: on accelerators only; on
@@ -450,7 +456,15 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
     as numpy], 'steps_per_epoch', 'seeds', 'timing'}; each record holds per-seed lists of
     train_loss, train_acc (all training images), train_acc_real, train_acc_gen, irm_penalty,
     test_loss, test_acc, plus lr, seconds and images_per_s. `on_epoch` gets each record (of
-    a group of seeds trained together) as soon as it is fetched.
+    a group of seeds trained together) as soon as it is fetched, in order, including the
+    records restored from a checkpoint.
+
+    checkpoint_dir: resumable training. Each group of seeds is checkpointed there after
+    every epoch and, when `stop.signum` gets set (see `cgn_jax.train.signals`), after the
+    current call; a later call with the same arguments continues from the checkpoint and
+    gives the same result as an uninterrupted run. An interrupted call returns
+    {'status': 'interrupted', 'signal', 'checkpoint_dir', 'seeds'}; a finished one has
+    'status': 'completed'.
     """
     devices = list(devices) if devices is not None else jax.local_devices()
     n_dev = len(devices)
@@ -515,6 +529,16 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
     bar = _progress_bar(setup.epochs * spe * len(groups), f"{setup.variant} {setup.mode}"
                         + (f" irm{setup.n_envs}" if setup.irm_correlations else ""), progress)
     per_group, variables = [], []
+    fingerprint = _run_fingerprint(setup, data, spe, n_dev) if checkpoint_dir is not None else None
+
+    def save(store, group, states, totals, history, epoch, chunk):
+        """Checkpoint a group at call `chunk` of `epoch` (chunk 0: the epoch has not started)."""
+        host = jax.device_get({"state": jax.tree.map(lambda x: x[0], states),
+                               "totals": jax.tree.map(lambda x: x[0], totals) if chunk else
+                               {k: np.zeros(len(group), np.float32) for k in _METRIC_KEYS}})
+        store.save(epoch * spe + chunks[chunk][0], host, {"run": fingerprint, "seeds": list(group), "epoch": epoch,
+                                                          "chunk": chunk, "history": history})
+
     t_start = time.perf_counter()
     try:
         for group in groups:
@@ -522,15 +546,34 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
             states = replicate(jax.vmap(init_member)(init_keys), devices)  # eager: compiling it costs more
             keys = replicate(data_keys, devices)
             images_per_step = plan.size * n_dev * len(group)
-            history = []
-            for epoch in range(setup.epochs):
+            history, first_epoch, first_chunk, totals, store = [], 0, 0, None, None
+            if checkpoint_dir is not None:
+                store = TrainCheckpoints(group_checkpoint_dir(checkpoint_dir, group), max_to_keep=2, async_save=False)
+                if store.latest_step() is not None:
+                    states, totals, history, first_epoch, first_chunk = _resume(store, states, group, fingerprint)
+                    totals = replicate(totals, devices) if first_chunk else None
+                    states = replicate(states, devices)
+                    for record in history:
+                        if on_epoch is not None:
+                            on_epoch(record)
+                    bar.update(first_epoch * spe + (chunks[first_chunk][0] if first_chunk else 0))
+
+            for epoch in range(first_epoch, setup.epochs):
                 t0 = time.perf_counter()
-                totals = None
+                first = first_chunk if epoch == first_epoch else 0
+                if not first:
+                    totals = None
                 perms = perm_fn(keys, data_dev, epoch)
-                done = 0
-                for i, (start, length) in enumerate(chunks):
+                done = chunks[first][0]
+                for i in range(first, len(chunks)):
+                    start, length = chunks[i]
                     states, sums = chunk_fn(length)(states, keys, perms, data_dev, gen_dev, epoch, start)
                     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+                    if stop is not None and stop.signum and i + 1 < len(chunks):
+                        if store is None:
+                            return _interrupted(stop, None, seeds)
+                        save(store, group, states, totals, history, epoch, i + 1)
+                        return _interrupted(stop, store.directory, seeds)
                     if (i + 1) % sync_every == 0 and i + 1 < len(chunks):
                         jax.block_until_ready(sums)
                         bar.update(start + length - done)
@@ -562,6 +605,10 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
                                 train_acc=f"{np.mean(record['train_acc']):.3f}")
                 if on_epoch is not None:
                     on_epoch(record)
+                if store is not None:
+                    save(store, group, states, None, history, epoch + 1, 0)
+                if stop is not None and stop.signum and epoch + 1 < setup.epochs:
+                    return _interrupted(stop, store.directory if store is not None else None, seeds)
             final = jax.device_get(jax.tree.map(lambda x: x[0], states))
             variables += [jax.tree.map(lambda x, i=i: np.asarray(x[i]), {"params": final.params,
                                                                           "batch_stats": final.batch_stats})
@@ -572,12 +619,51 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
     total = time.perf_counter() - t_start
     history = [_merge_records([h[e] for h in per_group]) for e in range(setup.epochs)]
     # steady-state throughput: leave out each group's first epoch (the very first one compiles)
-    steady = [r["images_per_s"] for h in per_group for r in h[1:]] or [per_group[0][-1]["images_per_s"]]
-    return {"history": history, "variables": variables, "steps_per_epoch": spe, "seeds": seeds,
+    # (and the epochs restored from a checkpoint: their times belong to an earlier call)
+    fresh = [[r for r in h if not r.get("restored")] for h in per_group]
+    steady = ([r["images_per_s"] for h in fresh for r in h[1:]] or [r["images_per_s"] for h in fresh for r in h]
+              or [per_group[0][-1]["images_per_s"]])
+    return {"status": "completed", "history": history, "variables": variables, "steps_per_epoch": spe, "seeds": seeds,
             "timing": {"total_seconds": total, "first_epoch_seconds": per_group[0][0]["seconds"],
                        "images_per_s": float(np.median(steady)),
                        "images_per_step": plan.size * n_dev * len(groups[0]), "devices": n_dev,
                        "platform": platform, "loop": loop, "vmap_seeds": bool(vmap_seeds)}}
+
+
+# ---------------------------------------------------------------- resuming
+def group_checkpoint_dir(checkpoint_dir: str | Path, seeds: Sequence[int]) -> Path:
+    """Where `train_classifier` checkpoints the seeds trained together in one group."""
+    return Path(checkpoint_dir) / ("seeds_" + "_".join(str(int(s)) for s in seeds))
+
+
+def _run_fingerprint(setup: ClassifierSetup, data: dict[str, np.ndarray], spe: int, n_dev: int) -> dict:
+    """What a checkpoint must agree on to continue a run exactly (JSON-normalised)."""
+    arrays = {k: f"{np.asarray(v).dtype}{list(np.shape(v))}:{zlib.crc32(np.ascontiguousarray(v).data):08x}"
+              for k, v in sorted(data.items())}
+    return json.loads(json.dumps({"setup": dataclasses.asdict(setup), "steps_per_epoch": spe, "devices": n_dev,
+                                  "data": arrays}))
+
+
+def _resume(store, states, group, fingerprint):
+    """(host state, host totals, history, epoch, chunk) of the latest checkpoint in `store`."""
+    template = {"state": jax.device_get(jax.tree.map(lambda x: x[0], states)),
+                "totals": {k: np.zeros(len(group), np.float32) for k in _METRIC_KEYS}}
+    restored, meta = store.restore(template)
+    if meta.get("run") != fingerprint or meta.get("seeds") != list(group):
+        old = meta.get("run") or {}
+        what = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)) or ["seeds"]
+        raise SetupError(f"the checkpoint in {store.directory} belongs to another run (it differs in: "
+                         f"{', '.join(what)}); delete that directory to start this run afresh, or use another "
+                         "output/work directory")
+    history = [dict(r, restored=True) for r in meta["history"]]
+    print(f"resuming seeds {list(group)} at epoch {meta['epoch'] + 1}"
+          + (f", call {meta['chunk']}" if meta["chunk"] else "") + f" from {store.directory}", file=sys.stderr)
+    return restored["state"], restored["totals"], history, int(meta["epoch"]), int(meta["chunk"])
+
+
+def _interrupted(stop, directory, seeds) -> dict:
+    return {"status": "interrupted", "signal": int(stop.signum), "seeds": list(seeds),
+            "checkpoint_dir": str(directory) if directory is not None else None}
 
 
 def _merge_records(records: list[dict]) -> dict:
