@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": ("cgn_jax.bench", "time the real train step of a config"),
     "train-classifier": ("cgn_jax.classifier_cli", "train an invariant classifier"),
     "table1": ("cgn_jax.table1", "rerun the paper's Table 1 (MNIST classifiers)"),
+    "reproduce": ("cgn_jax.reproduce", "the paper's MNIST experiments end to end: CGNs, then Table 1 (resumable)"),
     "evaluate": ("cgn_jax.evaluate", "ImageNet top-1/5, shape bias (cue-conflict), BG-gap (ImageNet-9)"),
 }
 

@@ -176,7 +176,10 @@ def export_bundles(out_dir, variants, methods, **kw) -> list[Path]:
         t0 = time.perf_counter()
         arrays = collect_variant(v, methods, **kw)
         path = out_dir / f"{v}.npz"
-        np.savez_compressed(path, **arrays)
+        partial = path.with_name(path.name + ".partial")  # a cut-off export never looks like a bundle
+        with partial.open("wb") as f:
+            np.savez_compressed(f, **arrays)
+        partial.replace(path)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.0f}s)",
               file=sys.stderr)
         paths.append(path)
