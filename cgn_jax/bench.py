@@ -535,7 +535,7 @@ def bench_mnist_classifier(config, *, steps: int, warmup: int, n_devices: int | 
         + (", CGN on the fly" if setup.uses_generator else "") + f"): global batch {setup.batch_size} on "
         f"{len(devices)} {devices[0].device_kind} device(s), {1 + timed} epochs of {steps} steps")
     result = train_classifier(setup, data, assets, generator, seeds=(int(config.seed),), devices=devices,
-                              progress=False)
+                              progress=False, grad_kernels=config.model.get("grad_kernels", "auto"))
     history, timing = result["history"], result["timing"]
     seconds = [r["train_seconds"] / steps for r in history[1:]]
     t = _times(seconds)
@@ -544,6 +544,7 @@ def bench_mnist_classifier(config, *, steps: int, warmup: int, n_devices: int | 
         "what": "train", "family": "mnist_classifier", "variant": setup.variant, "mode": setup.mode,
         "compute_dtype": "float32", "global_batch": images, "per_device_batch": images // len(devices),
         "devices": len(devices), "device_kind": devices[0].device_kind, "loop": timing["loop"],
+        "grad_kernels": timing["grad_kernels"],
         "cgn_on_the_fly": setup.uses_generator, "data": "synthetic digits and labels", "render_assets": assets_note,
         "steps": steps, "warmup": 1, "setup_s": None, "lower_s": None, "compile_s": None,
         "first_epoch_train_s": history[0]["train_seconds"], "step_time_s": t, "process_cpu_s_per_step": None,

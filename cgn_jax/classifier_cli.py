@@ -139,7 +139,8 @@ def run(args) -> int:
         with StopOnSignal() as stop:
             result = train_classifier(setup, data, assets, generator, seeds=(config.seed,),
                                       progress=not args.no_progress, on_epoch=on_epoch,
-                                      checkpoint_dir=workdir / "checkpoints", stop=stop)
+                                      checkpoint_dir=workdir / "checkpoints", stop=stop,
+                                      grad_kernels=config.model.get("grad_kernels", "auto"))
     except SetupError as e:
         raise CLIError(str(e)) from e
     if result["status"] == "interrupted":

@@ -91,6 +91,7 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.pool = "official"       # "official" (AvgPool2d(7) on 8x8) or "global"
+    c.model.grad_kernels = "auto"   # "custom" | "xla" | "auto" (custom on CPU): see cgn_jax/models/cpu_grads.py
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cgn_jax.models import cpu_grads
+
 POOLS = ("official", "global")
 NUM_CLASSES = 10
 
@@ -50,9 +52,15 @@ class CNN(nn.Module):
     pool: str = "official"
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    # how the first convolution's and the max pool's gradients are computed: "custom" (fast on
+    # XLA:CPU, see cgn_jax.models.cpu_grads), "xla", or "auto" (custom on the CPU). Same values
+    # up to float rounding, same parameters.
+    grad_kernels: str = "auto"
 
-    def _conv(self, x, features, kernel, stride, name):
+    def _conv(self, x, features, kernel, stride, name, custom=False):
         fan_in = kernel * kernel * x.shape[-1]
+        if custom and stride == 1:
+            return _SameConv(features, kernel, self.dtype, fan_in, name=name)(x)
         return nn.Conv(features, (kernel, kernel), strides=stride, padding=kernel // 2, dtype=self.dtype,
                        kernel_init=torch_kernel_init(), bias_init=torch_bias_init(fan_in), name=name)(x)
 
@@ -65,9 +73,13 @@ class CNN(nn.Module):
         # torch BatchNorm2d: momentum 0.1 (flax counts the other way), eps 1e-5, affine.
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                          axis_name=self.axis_name if train else None, name="bn_in")(x.astype(self.dtype))
-        x = nn.relu(self._conv(x, 32, 5, 1, "conv1"))
+        custom = cpu_grads.resolve(self.grad_kernels) == "custom"
+        x = nn.relu(self._conv(x, 32, 5, 1, "conv1", custom))
         # MaxPool2d(3, stride 2, padding 1): torch pads with -inf, as flax's max_pool does.
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if custom:
+            x = cpu_grads.max_pool(x, 3, 2, 1)
+        else:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         x = nn.relu(self._conv(x, 32, 3, 1, "conv2"))
         x = nn.relu(self._conv(x, 64, 3, 2, "conv3"))
         x = nn.relu(self._conv(x, 64, 3, 1, "conv4"))
@@ -82,3 +94,21 @@ class CNN(nn.Module):
 def init_variables(model: CNN, key: jax.Array, image_size: int = 32) -> dict:
     """Fresh {'params', 'batch_stats'} for 32x32 RGB input."""
     return model.init(key, jnp.zeros((2, image_size, image_size, 3), jnp.float32), train=False)
+
+
+class _SameConv(nn.Module):
+    """`nn.Conv(features, (kernel, kernel), padding=kernel // 2)` (same parameters and initial
+    values) with the weight gradient of `cpu_grads.conv_same`."""
+
+    features: int
+    kernel: int
+    dtype: Any
+    fan_in: int
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.param("kernel", torch_kernel_init(), (self.kernel, self.kernel, x.shape[-1], self.features),
+                       jnp.float32)
+        b = self.param("bias", torch_bias_init(self.fan_in), (self.features,), jnp.float32)
+        y = cpu_grads.conv_same(x.astype(self.dtype), k.astype(self.dtype), self.kernel // 2)
+        return y + b.astype(self.dtype)

@@ -19,6 +19,8 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cgn_jax.models import cpu_grads
+
 # output channels of the convolutions of each block
 BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 # relu name of each block's output, for logging and docs
@@ -52,6 +54,9 @@ class VGG16Features(nn.Module):
     num_blocks: int = 4
     dtype: Any = jnp.float32
     precision: Any = None
+    # max-pool gradient: "custom" (XLA:CPU's select_and_scatter is 10-20x slower; see
+    # cgn_jax.models.cpu_grads), "xla", or "auto" (custom on the CPU); same values
+    grad_kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -61,9 +66,10 @@ class VGG16Features(nn.Module):
         chex.assert_axis_dimension(x, -1, 3)
         x = x.astype(self.dtype)
         outputs = []
+        custom = cpu_grads.resolve(self.grad_kernels) == "custom"
         for b, widths in enumerate(BLOCKS[: self.num_blocks]):
-            if b > 0:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))  # floor, like torch's MaxPool2d(2, 2)
+            if b > 0:  # floor, like torch's MaxPool2d(2, 2)
+                x = cpu_grads.max_pool(x, 2, 2, 0) if custom else nn.max_pool(x, (2, 2), strides=(2, 2))
             for i, cout in enumerate(widths):
                 x = nn.Conv(cout, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
                             precision=self.precision, name=f"conv{b + 1}_{i + 1}")(x)

@@ -51,6 +51,7 @@ import optax
 from cgn_jax import irm
 from cgn_jax.data import palettes
 from cgn_jax.data.render import render_batch
+from cgn_jax.models import cpu_grads
 from cgn_jax.models.classifier import CNN, init_variables
 from cgn_jax.generate import sample_counterfactuals
 from cgn_jax.models.mnist_cgn import MnistCGN
@@ -446,7 +447,7 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
                      generator: Generator | None = None, seeds: Sequence[int] = (0,), *,
                      devices: Sequence | None = None, vmap_seeds: bool | None = None, progress: bool = True,
                      on_epoch: Callable[[dict], None] | None = None, checkpoint_dir: str | Path | None = None,
-                     stop: Any = None) -> dict:
+                     stop: Any = None, grad_kernels: str = "auto") -> dict:
     """Train one classifier per seed and evaluate each after every epoch.
 
     vmap_seeds: train all seeds in one vmapped computation (None: on accelerators only; on
@@ -459,6 +460,8 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
     a group of seeds trained together) as soon as it is fetched, in order, including the
     records restored from a checkpoint.
 
+    grad_kernels: how the CNN computes its slowest gradients (`CNN.grad_kernels`; same values
+    up to float rounding, so not part of the setup).
     checkpoint_dir: resumable training. Each group of seeds is checkpointed there after
     every epoch and, when `stop.signum` gets set (see `cgn_jax.train.signals`), after the
     current call; a later call with the same arguments continues from the checkpoint and
@@ -479,7 +482,7 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
     n_real = host["digit"].shape[0]
     n_cf = host["cf_image"].shape[0] if "cf_image" in host else 0
     spe = steps_per_epoch(setup, n_real, n_cf)
-    model = CNN(pool=setup.pool, axis_name=AXIS)
+    model = CNN(pool=setup.pool, axis_name=AXIS, grad_kernels=grad_kernels)
     tx = make_optimizer(setup, spe)
     schedule = make_schedule(setup, spe)
     gen_model = generator.model if setup.uses_generator else None
@@ -627,7 +630,8 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
             "timing": {"total_seconds": total, "first_epoch_seconds": per_group[0][0]["seconds"],
                        "images_per_s": float(np.median(steady)),
                        "images_per_step": plan.size * n_dev * len(groups[0]), "devices": n_dev,
-                       "platform": platform, "loop": loop, "vmap_seeds": bool(vmap_seeds)}}
+                       "platform": platform, "loop": loop, "vmap_seeds": bool(vmap_seeds),
+                       "grad_kernels": cpu_grads.resolve(grad_kernels)}}
 
 
 # ---------------------------------------------------------------- resuming
