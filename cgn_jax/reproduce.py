@@ -36,8 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--variants", nargs="+", default=list(palettes.VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="classifier seeds per Table 1 row")
     parser.add_argument("--methods", nargs="+", default=list(TABLE1_METHODS), help="Table 1 rows")
-    parser.add_argument("--parallel", type=int, default=3,
-                        help="pieces run at once (on one GPU they share its memory equally; on a CPU use 1-2)")
+    parser.add_argument("--parallel", type=int, default=0,
+                        help="pieces run at once (default: 3 on an accelerator, where they share its memory "
+                             "equally; 2 on a CPU, where two processes use the cores better than one)")
     parser.add_argument("--frame-prior", action="store_true",
                         help="train the colored CGN with loss.mask_frame=1.0 (keeps its masks the right way round; "
                              "not in the official recipe, see docs/results.md)")
@@ -132,8 +133,12 @@ def run(args) -> int:
     bad = [m for m in args.methods if m not in TABLE1_METHODS]
     if bad:
         raise CLIError(f"unknown Table 1 method(s) {', '.join(bad)}; valid: {', '.join(TABLE1_METHODS)}")
-    if args.parallel < 1:
-        raise CLIError(f"--parallel must be at least 1, got {args.parallel}")
+    if args.parallel < 0:
+        raise CLIError(f"--parallel must be at least 1 (or 0 for the default), got {args.parallel}")
+    if not args.parallel:
+        import jax
+
+        args.parallel = 2 if jax.default_backend() == "cpu" else 3
     if args.data and not Path(args.data).is_dir():
         raise CLIError(f"--data {args.data}: no such directory (leave --data out to export the bundles)")
     out = Path(args.out)
