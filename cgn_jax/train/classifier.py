@@ -660,8 +660,11 @@ def _resume(store, states, group, fingerprint):
                          f"{', '.join(what)}); delete that directory to start this run afresh, or use another "
                          "output/work directory")
     history = [dict(r, restored=True) for r in meta["history"]]
-    print(f"resuming seeds {list(group)} at epoch {meta['epoch'] + 1}"
-          + (f", call {meta['chunk']}" if meta["chunk"] else "") + f" from {store.directory}", file=sys.stderr)
+    if meta["epoch"] >= fingerprint["setup"]["epochs"]:
+        print(f"seeds {list(group)}: finished run found in {store.directory}", file=sys.stderr)
+    else:
+        print(f"resuming seeds {list(group)} at epoch {meta['epoch'] + 1}"
+              + (f", call {meta['chunk']}" if meta["chunk"] else "") + f" from {store.directory}", file=sys.stderr)
     return restored["state"], restored["totals"], history, int(meta["epoch"]), int(meta["chunk"])
 
 
