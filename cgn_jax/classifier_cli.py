@@ -23,7 +23,7 @@ from cgn_jax.train.classifier import ON_THE_FLY, ClassifierSetup, Generator, Set
 def add_arguments(parser) -> None:
     parser.add_argument("--config", default="configs/classifier.py:colored,original+cgn",
                         help="configs/classifier.py:VARIANT[,METHOD]; METHOD in original, irm2, irm5, "
-                             "original+gan, original+cgn (default), cgn_only; or configs/imagenet_classifier.py[:ARG] "
+                             "original+gan, original+cgn (default), cgn_only, cgn_official; or configs/imagenet_classifier.py[:ARG] "
                              "for the ImageNet ensemble")
     parser.add_argument("--workdir", default="",
                         help="where metrics and weights go (default runs/classifier_<variant>_<method>_s<seed>)")

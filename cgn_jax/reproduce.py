@@ -27,8 +27,8 @@ from pathlib import Path
 
 from cgn_jax.data import palettes
 
-TABLE1_METHODS = ("original", "irm2", "irm5", "original+gan", "original+cgn")
-GENERATOR_METHODS = ("original+gan", "original+cgn")
+TABLE1_METHODS = ("original", "irm2", "irm5", "original+gan", "original+cgn", "cgn_official")
+GENERATOR_METHODS = ("original+gan", "original+cgn", "cgn_official")
 
 
 def add_arguments(parser) -> None:

@@ -273,6 +273,31 @@ def test_config_arg_and_errors(capsys):
         C.batch_plan(C.ClassifierSetup("colored", batch_size=63), 2)
 
 
+def test_official_recipe_row_trains_one_pass_of_the_official_dataset_per_epoch():
+    """cgn_official: counterfactuals only, 100,000 // batch steps per epoch, in the config and in table1."""
+    import argparse
+
+    from cgn_jax import table1
+    from cgn_jax.classifier_cli import setup_from_config
+    from cgn_jax.config_loading import load_config
+
+    setup = setup_from_config(load_config("configs/classifier.py:wildlife,cgn_official"))
+    assert (setup.mode, setup.steps_per_epoch, setup.batch_size) == ("cgn_only", 1562, 64)
+    halved = setup_from_config(load_config("configs/classifier.py:wildlife,cgn_official", ["--config.train.batch_size=32"]))
+    assert halved.steps_per_epoch == 3125  # still one pass of 100k images
+    assert setup_from_config(load_config("configs/classifier.py:wildlife,cgn_only")).steps_per_epoch == 0
+
+    parser = argparse.ArgumentParser()
+    table1.add_arguments(parser)
+    args = parser.parse_args([])
+    assert "cgn_official" in args.methods  # a default row: it is how the paper's number was made
+    t1 = table1.method_setup("wildlife", "cgn_official", args)
+    assert (t1.mode, t1.steps_per_epoch) == ("cgn_only", 1562)
+    assert table1.method_setup("wildlife", "original+cgn", args).steps_per_epoch == 0  # derived from the data
+    assert table1.method_setup("wildlife", "cgn_official", parser.parse_args(["--steps-per-epoch", "4"])).steps_per_epoch == 4
+    assert table1.PAPER_TEST_ACC["cgn_official"] == table1.PAPER_TEST_ACC["original+cgn"]
+
+
 def test_table1_bundle_roundtrip_and_markdown(tmp_path):
     from cgn_jax import table1
 

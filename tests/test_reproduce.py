@@ -36,8 +36,8 @@ def test_the_plan_orders_pieces_and_passes_options(capsys, tmp_path):
     assert all("--config.train.num_steps=7" in c and "--config.train.batch_size=8" in c
                for c in (train_colored, train_wildlife))
     assert f"--generator colored={tmp_path}/cgn/colored" in commands[5]
-    assert "--methods original+gan original+cgn" in commands[5]  # only rows that use a generator
-    assert "--methods original irm2 irm5 original+gan original+cgn" in commands[3]
+    assert "--methods original+gan original+cgn cgn_official --generator" in commands[5]  # rows with a generator
+    assert "--methods original irm2 irm5 original+gan original+cgn cgn_official --out" in commands[3]
 
     # existing bundles: no export; skipped stages drop their pieces and dependencies
     (tmp_path / "data").mkdir()

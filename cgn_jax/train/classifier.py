@@ -59,6 +59,9 @@ from cgn_jax.parallel import AXIS, replicate
 from cgn_jax.train.checkpointing import TrainCheckpoints
 
 MODES = ("original", "original+gan", "original+cgn", "cgn_only")
+# Size of the counterfactual dataset the official MNIST recipe trains its invariant classifier
+# on (`mnists/generate_data.py`: 10,000 shapes x 10 counterfactuals); one pass is an epoch there.
+OFFICIAL_CF_DATASET_SIZE = 100_000
 GENERATED_MODES = ("original+gan", "original+cgn", "cgn_only")
 ON_THE_FLY = "on_the_fly"
 DATASET = "dataset"
