@@ -3,7 +3,9 @@
 The config (configs/classifier.py) names the variant and the method; this module turns it
 into the plain `ClassifierSetup` of `cgn_jax.train.classifier`, gathers the data on the
 host (TFDS builds, a stored counterfactual dataset, the generator weights) and records
-what happened: `config.json`, `metrics.jsonl` (one line per epoch), `summary.json` and
+what happened: `config.json`, `metrics.jsonl` (one line per epoch) with the same scalars in
+`tb/` (TensorBoard) and drawn in `plots/classifier.png` (accuracy, loss, IRM penalty per epoch:
+where the shortcut shows is a train accuracy near 100 % next to a falling test accuracy), `summary.json` and
 the final classifier weights (`classifier/`, Orbax, loadable with
 `cgn_jax.checkpoint.restore_variables`). `checkpoints/` holds the training state after
 every epoch and at a SIGTERM/Ctrl-C, so re-running the same command continues the run
@@ -13,11 +15,18 @@ exactly (and a finished run's command only rewrites its outputs).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 from pathlib import Path
 
 from cgn_jax.train.classifier import ON_THE_FLY, ClassifierSetup, Generator, SetupError
+from cgn_jax.train.logging import plot_metrics
+
+# panels of plots/classifier.png (and the TensorBoard scalars); absent or None metrics are skipped
+EPOCH_PANELS = (("accuracy", ("train_acc", "train_acc_real", "train_acc_gen", "test_acc")),
+                ("loss", ("train_loss", "test_loss")),
+                ("IRM penalty", ("irm_penalty",)))
 
 
 def add_arguments(parser) -> None:
@@ -117,6 +126,8 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from e
 
+    from tensorboardX import SummaryWriter
+
     from cgn_jax.train.classifier import train_classifier
     from cgn_jax.train.signals import StopOnSignal
 
@@ -129,11 +140,23 @@ def run(args) -> int:
           + f"); {data['digit'].shape[0]} real train / {data['test_label'].shape[0]} test images; workdir {workdir}",
           file=sys.stderr)
 
+    # a resumed run replays its restored epochs through on_epoch, so every output is rebuilt from epoch 1
+    shutil.rmtree(workdir / "tb", ignore_errors=True)
+    tb = SummaryWriter(str(workdir / "tb"))
+    rows = []
+
     def on_epoch(record):
         row = {k: (v[0] if isinstance(v, list) and k != "seeds" else v) for k, v in record.items()}
         row["seed"] = row.pop("seeds")[0]
+        rows.append(row)
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        for name in ("lr", *(n for _, names in EPOCH_PANELS for n in names)):
+            if isinstance(row.get(name), (int, float)):
+                tb.add_scalar(f"classifier/{name}", row[name], row["epoch"])
+        tb.flush()
+        plot_metrics(rows, [p for p in EPOCH_PANELS if any(row.get(n) is not None for n in p[1])],
+                     workdir / "plots" / "classifier.png", x="epoch")
 
     try:
         with StopOnSignal() as stop:
@@ -143,6 +166,8 @@ def run(args) -> int:
                                       grad_kernels=config.model.get("grad_kernels", "auto"))
     except SetupError as e:
         raise CLIError(str(e)) from e
+    finally:
+        tb.close()
     if result["status"] == "interrupted":
         print(f"stopped by {signal.Signals(result['signal']).name}; checkpoint in {result['checkpoint_dir']}; "
               "re-run the same command to continue", file=sys.stderr)

@@ -306,6 +306,53 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
+def render_curves(results: dict, path) -> Path | None:
+    """Test accuracy after each epoch, one panel per variant and one line per row (mean over
+    seeds, band = min..max): shows whether a row had converged and how far seeds spread.
+    None (nothing drawn) without matplotlib, which an accelerator-only install may lack."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    runs = results.get("runs", {})
+    variants = [v for v in VARIANT_ORDER if any(r["variant"] == v for r in runs.values())]
+    if not variants:
+        return None
+    fig = Figure(figsize=(4.6 * len(variants), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, variant in enumerate(variants):
+        ax = fig.add_subplot(1, len(variants), i + 1)
+        for key, row in sorted(runs.items()):
+            if row["variant"] != variant:
+                continue
+            curves = [[e["test_acc"][j] * 100 for e in part.get("history", [])]
+                      for part in _parts(row) for j in range(len(part["seeds"]))]
+            curves = [c for c in curves if c]
+            n = min((len(c) for c in curves), default=0)
+            if not n:
+                continue
+            a = np.array([c[:n] for c in curves])
+            epochs = np.arange(1, n + 1)
+            name, _, tag = row.get("row", row["method"]).partition("@")
+            line, = ax.plot(epochs, a.mean(0), marker=".",
+                            label=METHOD_TITLES.get(name, name) + (f" ({tag})" if tag else "") + f", {len(a)} seed(s)")
+            if len(a) > 1:
+                ax.fill_between(epochs, a.min(0), a.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_title(f"{VARIANT_TITLES[variant]}: test accuracy")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items()}
@@ -419,6 +466,7 @@ def run(args) -> int:
         results_path.write_text(json.dumps(merged, indent=1))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_markdown(merged))
+        render_curves(merged, out.with_suffix(".png"))
         print(f"merged {len(merged['runs'])} rows into {out} and {results_path}", file=sys.stderr)
         return 0
 
@@ -447,6 +495,7 @@ def run(args) -> int:
         results_path.write_text(json.dumps(_jsonable(results), indent=1))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_markdown(results))
+        render_curves(results, out.with_suffix(".png"))
 
     generators = {}
     for item in args.generator:

@@ -322,6 +322,9 @@ def test_table1_bundle_roundtrip_and_markdown(tmp_path):
     assert "| Original + CGN (CGN: ours) | 90.0 | 80.0 | 95.1 |" in md
     assert "colored/original+cgn@ours: the CGN's mask is inverted (covers the background) for classes 1, 6" in md
     assert "colored/original+cgn: seeds [0] only." in md and "colored/original: seeds" not in md
+    results["runs"]["colored/original"]["history"] = [{"epoch": e, "test_acc": [0.1 * e, 0.2 * e]} for e in (1, 2)]
+    png = table1.render_curves(results, tmp_path / "curves.png")
+    assert png == tmp_path / "curves.png" and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_table1_rows_gather_seeds_from_several_calls(tmp_path, capsys):
@@ -354,6 +357,7 @@ def test_table1_rows_gather_seeds_from_several_calls(tmp_path, capsys):
     assert cli.main(["table1", "--merge", *map(str, files), "--out", str(out)]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["runs"]["colored/original"]["seeds"] == [0, 1]
     assert "| Original | 90.0 ± 0.0 | 35.0 ± 7.1 | 35.9 |" in out.read_text()
+    assert out.with_suffix(".png").is_file()  # the per-epoch curves beside the table
 
 
 @pytest.mark.slow
@@ -371,10 +375,12 @@ def test_cli_trains_with_on_the_fly_counterfactuals(tmp_path, mnist_dir, tfds_di
     assert lines[0]["train_acc_gen"] is not None and lines[0]["test_acc"] >= 0
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["mode"] == "original+cgn" and (workdir / "classifier" / "meta.json").is_file()
+    assert (workdir / "plots" / "classifier.png").stat().st_size > 1000 and list((workdir / "tb").glob("events.*"))
     # the same command again finds the finished run in checkpoints/ and only rewrites the outputs
     assert cli.main(command) == 0
     again = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in again] == [1, 2] and all(x["restored"] for x in again)
+    assert len(list((workdir / "tb").glob("events.*"))) == 1  # rebuilt, not appended to
     assert json.loads((workdir / "summary.json").read_text())["test_acc"] == summary["test_acc"]
 
 

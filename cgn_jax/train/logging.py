@@ -100,8 +100,8 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def plot_metrics(records: list[dict], panels, path: str | Path) -> Path:
-    """One row of line plots (metric vs step), one panel per (title, names)."""
+def plot_metrics(records: list[dict], panels, path: str | Path, x: str = "step") -> Path:
+    """One row of line plots (metric vs `x`, a record key), one panel per (title, names)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -110,12 +110,13 @@ def plot_metrics(records: list[dict], panels, path: str | Path) -> Path:
     for i, (title, names) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for name in names:
-            pts = [(r["step"], r[name]) for r in records if name in r and math.isfinite(r[name])]
+            pts = [(r[x], r[name]) for r in records
+                   if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, label=name, marker="." if len(pts) < 30 else None)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
