@@ -311,18 +311,17 @@ def render_curves(results: dict, path) -> Path | None:
     seeds, band = min..max): shows whether a row had converged and how far seeds spread.
     None (nothing drawn) without matplotlib, which an accelerator-only install may lack."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError:
         return None
+    from cgn_jax.train.logging import finish_panel, panel_figure, save_figure
+
     runs = results.get("runs", {})
     variants = [v for v in VARIANT_ORDER if any(r["variant"] == v for r in runs.values())]
     if not variants:
         return None
-    fig = Figure(figsize=(4.6 * len(variants), 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    for i, variant in enumerate(variants):
-        ax = fig.add_subplot(1, len(variants), i + 1)
+    fig, axes = panel_figure(len(variants), size=(4.6, 3.6))
+    for ax, variant in zip(axes, variants):
         for key, row in sorted(runs.items()):
             if row["variant"] != variant:
                 continue
@@ -339,18 +338,10 @@ def render_curves(results: dict, path) -> Path | None:
                             label=METHOD_TITLES.get(name, name) + (f" ({tag})" if tag else "") + f", {len(a)} seed(s)")
             if len(a) > 1:
                 ax.fill_between(epochs, a.min(0), a.max(0), color=line.get_color(), alpha=0.2)
-        ax.set_title(f"{VARIANT_TITLES[variant]}: test accuracy")
-        ax.set_xlabel("epoch")
         ax.set_ylabel("%")
         ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+        finish_panel(ax, f"{VARIANT_TITLES[variant]}: test accuracy", "epoch", legend_size=7)
+    return save_figure(fig, path)
 
 
 def _jsonable(x):

@@ -102,24 +102,37 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def plot_metrics(records: list[dict], panels, path: str | Path, x: str = "step") -> Path:
     """One row of line plots (metric vs `x`, a record key), one panel per (title, names)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.2 * len(panels), 3.2), dpi=100)
-    FigureCanvasAgg(fig)
-    for i, (title, names) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
+    fig, axes = panel_figure(len(panels))
+    for ax, (title, names) in zip(axes, panels):
         for name in names:
             pts = [(r[x], r[name]) for r in records
                    if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, label=name, marker="." if len(pts) < 30 else None)
-        ax.set_title(title)
-        ax.set_xlabel(x)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
+        finish_panel(ax, title, x)
+    return save_figure(fig, path)
+
+
+def panel_figure(n_panels: int, size: tuple[float, float] = (4.2, 3.2)):
+    """(figure, axes): one row of `n_panels` panels, drawn without a display (Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] * n_panels, size[1]), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
+
+
+def finish_panel(ax, title: str, xlabel: str, legend_size: int = 8) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=legend_size)
+
+
+def save_figure(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
