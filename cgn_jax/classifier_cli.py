@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from cgn_jax.train.classifier import ON_THE_FLY, ClassifierSetup, Generator, SetupError
+from cgn_jax.train.classifier import DATASET, FIXED, ON_THE_FLY, ClassifierSetup, Generator, SetupError
 from cgn_jax.train.logging import plot_metrics
 
 # panels of plots/classifier.png (and the TensorBoard scalars); absent or None metrics are skipped
@@ -46,7 +46,8 @@ def setup_from_config(config) -> ClassifierSetup:
         variant=config.variant, mode=config.data.mode, irm_correlations=tuple(config.irm.correlations),
         irm_penalty_weight=float(config.irm.penalty_weight), irm_anneal_steps=int(config.irm.anneal_steps),
         real_fraction=float(config.data.real_fraction),
-        cf_source=ON_THE_FLY if source == ON_THE_FLY else "dataset", num_cfs=int(config.data.num_cfs),
+        cf_source=source if source in (ON_THE_FLY, FIXED) else DATASET, num_cfs=int(config.data.num_cfs),
+        fixed_size=int(config.data.get("fixed_size", 100_000)),
         batch_size=int(config.train.batch_size), epochs=int(config.train.epochs), lr=float(config.train.lr),
         lr_decay=float(config.train.lr_decay), rho=float(config.train.rho), eps=float(config.train.eps),
         pool=config.model.pool, steps_per_epoch=int(config.train.steps_per_epoch),
@@ -122,7 +123,8 @@ def run(args) -> int:
 
     try:
         data, assets = load_data(config, setup)
-        generator, checkpoint = load_generator_for(config) if setup.uses_generator else (None, "")
+        needs_generator = setup.uses_generator or setup.makes_fixed_set
+        generator, checkpoint = load_generator_for(config) if needs_generator else (None, "")
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from e
 

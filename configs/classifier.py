@@ -7,8 +7,9 @@ METHOD (default original+cgn) names a row of the paper's Table 1:
   original+gan  real images + CGN samples with one label for all mechanisms
   original+cgn  real images + counterfactuals labelled with their shape label
   cgn_only      counterfactuals only
-  cgn_official  counterfactuals only for 1562 steps per epoch: the official code's recipe for
-                the paper's Original + CGN number (one pass over its 100k counterfactuals)
+  cgn_official  the official code's recipe for the paper's Original + CGN number: counterfactuals
+                only, from one fixed set of 100,000 (10 per shape) generated at the start,
+                one pass over it per epoch (1562 steps)
 
 e.g. `cgn-jax train-classifier --config=configs/classifier.py:double_colored,original+cgn`.
 The official hyperparameters (Adadelta lr 1.0, x0.7 per epoch, batch 64, 10 epochs) are
@@ -76,11 +77,14 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     c.data.mode = mode              # one of DATA_MODES
     c.data.real_fraction = 0.5      # share of real images per batch in original+gan / original+cgn
     # "on_the_fly": the CGN runs inside the train step (fresh samples every step, nothing on disk);
-    # or the path of a dataset written by `cgn-jax generate --dataset` (its --out dir or tfds/ in it).
-    c.data.cf_source = "on_the_fly"
+    # or the path of a dataset written by `cgn-jax generate --dataset` (its --out dir or tfds/ in it);
+    # or "fixed": one set of data.fixed_size counterfactuals (data.num_cfs per shape) generated
+    # at the start of the run, as the official generate_data.py + train_classifier.py recipe.
+    c.data.cf_source = "fixed" if method == "cgn_official" else "on_the_fly"
     # On the fly: counterfactuals per sampled shape within a batch. 1 = every generated image has
     # its own shape (fresh shapes are free here; the official stored dataset used 10 per shape).
-    c.data.num_cfs = 1
+    c.data.num_cfs = 10 if method == "cgn_official" else 1
+    c.data.fixed_size = OFFICIAL_CF_DATASET_SIZE  # "fixed": images in the set
     c.data.cf_limit = 0             # stored dataset: first N images (0 = all)
 
     c.generator = ml_collections.ConfigDict()
@@ -98,15 +102,14 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     c.model.grad_kernels = "auto"   # "custom" | "xla" | "auto" (custom on CPU): see cgn_jax/models/cpu_grads.py
 
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size = ml_collections.FieldReference(64)
+    c.train.batch_size = 64
     c.train.epochs = 10
     c.train.lr = 1.0
     c.train.lr_decay = 0.7          # StepLR gamma, every epoch
     c.train.rho = 0.9               # Adadelta, as torch.optim.Adadelta
     c.train.eps = 1e-6
     c.train.steps_per_epoch = 0     # 0 = len(real train split) // batch_size
-    if method == "cgn_official":  # one pass over the official 100k set, whatever the batch size
-        c.train.steps_per_epoch = OFFICIAL_CF_DATASET_SIZE // c.train.get_ref("batch_size")
+
     c.train.steps_per_call = 0      # 0 = one jitted call per epoch
     c.train.eval_batch_size = 500
     return c

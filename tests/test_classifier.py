@@ -174,6 +174,36 @@ def test_on_the_fly_counterfactual_batches(colored_generator):
     assert gan["image"].shape == (6, 32, 32, 3)
 
 
+def test_the_official_recipe_trains_on_one_fixed_set(colored_generator, tmp_path, monkeypatch):
+    """cf_source 'fixed': one set, num_cfs per shape, made once, cached for resumes, one pass per epoch."""
+    from cgn_jax import generate
+    from cgn_jax.data import make_assets
+
+    setup = C.ClassifierSetup("colored", mode="cgn_only", cf_source="fixed", num_cfs=10, fixed_size=200,
+                              batch_size=32, epochs=1)
+    assert setup.uses_cf_dataset and setup.makes_fixed_set and not setup.uses_generator
+    cache = tmp_path / C.FIXED_SET_FILE
+    made = C.fixed_counterfactual_set(colored_generator, setup, cache, progress=False)
+    assert made["cf_image"].shape == (200, 32, 32, 3) and made["cf_image"].dtype == np.uint8
+    # 10 counterfactuals of each of 20 shapes: the shape labels repeat for every counterfactual
+    labels = made["cf_label"].reshape(10, 20)  # (counterfactual, shape)
+    assert (labels == labels[:1]).all() and len(np.unique(labels[0])) > 3
+    # the cache is reused as it is, and replaced when the generator changes
+    monkeypatch.setattr(generate, "generate_dataset", lambda *a, **k: pytest.fail("regenerated"))
+    again = C.fixed_counterfactual_set(colored_generator, setup, cache, progress=False)
+    np.testing.assert_array_equal(again["cf_image"], made["cf_image"])
+    other = C.Generator(colored_generator.model, jax.tree.map(lambda x: x * 1.01, colored_generator.variables))
+    with pytest.raises(pytest.fail.Exception, match="regenerated"):
+        C.fixed_counterfactual_set(other, setup, cache, progress=False)
+    monkeypatch.undo()
+    # training: one pass over the set per epoch; a generator is required
+    res = C.train_classifier(setup, _toy_data(), make_assets("colored"), colored_generator, progress=False,
+                             checkpoint_dir=tmp_path)
+    assert res["steps_per_epoch"] == 200 // 32 and res["history"][0]["train_acc_gen"][0] is not None
+    with pytest.raises(C.SetupError, match="needs a generator"):
+        C.train_classifier(setup, _toy_data(), make_assets("colored"), None, progress=False)
+
+
 # ---------------------------------------------------------------- training
 def test_classifier_learns_a_small_split(colored_envs):
     """1024 colored examples, 2 epochs; tested on 500 held-out examples of the train distribution."""
@@ -273,8 +303,8 @@ def test_config_arg_and_errors(capsys):
         C.batch_plan(C.ClassifierSetup("colored", batch_size=63), 2)
 
 
-def test_official_recipe_row_trains_one_pass_of_the_official_dataset_per_epoch():
-    """cgn_official: counterfactuals only, 100,000 // batch steps per epoch, in the config and in table1."""
+def test_official_recipe_row_in_the_config_and_table1():
+    """cgn_official: counterfactuals only, from one fixed set of 100,000 (10 per shape), in the config and table1."""
     import argparse
 
     from cgn_jax import table1
@@ -282,19 +312,19 @@ def test_official_recipe_row_trains_one_pass_of_the_official_dataset_per_epoch()
     from cgn_jax.config_loading import load_config
 
     setup = setup_from_config(load_config("configs/classifier.py:wildlife,cgn_official"))
-    assert (setup.mode, setup.steps_per_epoch, setup.batch_size) == ("cgn_only", 1562, 64)
-    halved = setup_from_config(load_config("configs/classifier.py:wildlife,cgn_official", ["--config.train.batch_size=32"]))
-    assert halved.steps_per_epoch == 3125  # still one pass of 100k images
-    assert setup_from_config(load_config("configs/classifier.py:wildlife,cgn_only")).steps_per_epoch == 0
+    assert (setup.mode, setup.cf_source, setup.num_cfs, setup.fixed_size) == ("cgn_only", "fixed", 10, 100_000)
+    assert C.steps_per_epoch(setup, n_real=50_000, n_cf=100_000) == 1562  # one pass over the set
+    assert setup_from_config(load_config("configs/classifier.py:wildlife,cgn_only")).cf_source == "on_the_fly"
 
     parser = argparse.ArgumentParser()
     table1.add_arguments(parser)
     args = parser.parse_args([])
     assert "cgn_official" in args.methods  # a default row: it is how the paper's number was made
-    t1 = table1.method_setup("wildlife", "cgn_official", args)
-    assert (t1.mode, t1.steps_per_epoch) == ("cgn_only", 1562)
-    assert table1.method_setup("wildlife", "original+cgn", args).steps_per_epoch == 0  # derived from the data
-    assert table1.method_setup("wildlife", "cgn_official", parser.parse_args(["--steps-per-epoch", "4"])).steps_per_epoch == 4
+    assert table1.method_setup("wildlife", "cgn_official", args) == setup
+    assert table1.method_setup("wildlife", "original+cgn", args).cf_source == "on_the_fly"
+    quick = table1.method_setup("wildlife", "cgn_official", parser.parse_args(["--steps-per-epoch", "4",
+                                                                                "--fixed-size", "500"]))
+    assert (quick.steps_per_epoch, quick.fixed_size, quick.cf_source) == (4, 500, "fixed")
     assert table1.PAPER_TEST_ACC["cgn_official"] == table1.PAPER_TEST_ACC["original+cgn"]
 
 
@@ -431,4 +461,12 @@ def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir, monkeypatch):
     assert len(raw["runs"]["colored/original+cgn@mine"]["mask_frame_means"]) == 10
     assert "colored/original+cgn" not in raw["runs"]  # only the tagged row ran; original skipped with --generator
     assert "| Original + CGN (CGN: mine) |" in out.read_text()
+    # the official recipe's row: a fixed set (small here), one pass per epoch, its cache dropped at the end
+    assert cli.main(["table1", "--data", str(bundles), "--variants", "colored", "--methods", "cgn_official",
+                     "--generator", f"colored={gen}", "--tag", "mine", "--seeds", "0", "--epochs", "1",
+                     "--fixed-size", "256", "--out", str(out), "--no-progress"]) == 0
+    row = json.loads(out.with_suffix(".json").read_text())["runs"]["colored/cgn_official@mine"]
+    assert row["steps_per_epoch"] == 256 // 64 and row["setup"]["cf_source"] == "fixed"
+    assert not (tmp_path / "t1.ckpt").exists()
+    assert "| CGN counterfactuals only, official recipe (CGN: mine) |" in out.read_text()
     assert cli.main(["table1", "--data", str(bundles), "--generator", "colored"]) == 2  # no =DIR

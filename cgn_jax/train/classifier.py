@@ -65,7 +65,11 @@ OFFICIAL_CF_DATASET_SIZE = 100_000
 GENERATED_MODES = ("original+gan", "original+cgn", "cgn_only")
 ON_THE_FLY = "on_the_fly"
 DATASET = "dataset"
-CF_SOURCES = (ON_THE_FLY, DATASET)
+# FIXED: one set of `fixed_size` counterfactuals generated at the start of the run (the
+# official recipe: generate_data.py stores such a set, then the classifier makes passes over it)
+FIXED = "fixed"
+CF_SOURCES = (ON_THE_FLY, DATASET, FIXED)
+FIXED_SET_FILE = "fixed_counterfactuals.npz"  # the generated set, kept next to the checkpoints
 
 
 class SetupError(ValueError):
@@ -82,8 +86,9 @@ class ClassifierSetup:
     irm_penalty_weight: float = irm.DEFAULT_PENALTY_WEIGHT
     irm_anneal_steps: int = irm.DEFAULT_ANNEAL_STEPS
     real_fraction: float = 0.5      # share of real images in a mixed (original+X) batch
-    cf_source: str = ON_THE_FLY     # or DATASET (arrays 'cf_image', 'cf_label' in the data)
-    num_cfs: int = 1                # on the fly: counterfactuals per sampled shape in a batch
+    cf_source: str = ON_THE_FLY     # or DATASET (arrays 'cf_image', 'cf_label' in the data), or FIXED
+    num_cfs: int = 1                # on the fly: counterfactuals per sampled shape in a batch; FIXED: per shape
+    fixed_size: int = OFFICIAL_CF_DATASET_SIZE  # FIXED: images in the generated set
     batch_size: int = 64            # global, split over the devices
     epochs: int = 10
     lr: float = 1.0
@@ -111,12 +116,12 @@ class ClassifierSetup:
         if any(not 0.0 <= c <= 1.0 for c in self.irm_correlations):
             raise SetupError(f"IRM correlations must lie in [0, 1], got {self.irm_correlations}")
         if self.mode == "original+gan" and self.cf_source != ON_THE_FLY:
-            raise SetupError("original+gan samples the CGN on the fly (stored datasets hold counterfactuals)")
+            raise SetupError("original+gan samples the CGN on the fly (stored and fixed sets hold counterfactuals)")
         if not 0.0 < self.real_fraction < 1.0 and self.mode in ("original+gan", "original+cgn"):
             raise SetupError(f"real_fraction must be in (0, 1) for {self.mode}, got {self.real_fraction}")
         if self.loop not in ("auto", "scan", "steps"):
             raise SetupError(f"unknown loop {self.loop!r}; valid: auto, scan, steps")
-        for name in ("batch_size", "epochs", "num_cfs", "eval_batch_size"):
+        for name in ("batch_size", "epochs", "num_cfs", "eval_batch_size", "fixed_size"):
             if getattr(self, name) < 1:
                 raise SetupError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -130,7 +135,11 @@ class ClassifierSetup:
 
     @property
     def uses_cf_dataset(self) -> bool:
-        return self.mode in GENERATED_MODES and self.cf_source == DATASET
+        return self.mode in GENERATED_MODES and self.cf_source in (DATASET, FIXED)
+
+    @property
+    def makes_fixed_set(self) -> bool:
+        return self.mode in GENERATED_MODES and self.cf_source == FIXED
 
 
 class BatchPlan(NamedTuple):
@@ -479,8 +488,11 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
     if not seeds:
         raise SetupError("need at least one seed")
     plan = batch_plan(setup, n_dev)
-    if setup.uses_generator and generator is None:
-        raise SetupError(f"mode {setup.mode} on the fly needs a generator (a CGN checkpoint)")
+    if (setup.uses_generator or setup.makes_fixed_set) and generator is None:
+        raise SetupError(f"mode {setup.mode} with cf_source {setup.cf_source} needs a generator (a CGN checkpoint)")
+    if setup.makes_fixed_set:
+        cache = Path(checkpoint_dir) / FIXED_SET_FILE if checkpoint_dir is not None else None
+        data = {**data, **fixed_counterfactual_set(generator, setup, cache, progress=progress)}
     host, eval_bs = prepare_data(data, setup, n_dev, assets)
     n_real = host["digit"].shape[0]
     n_cf = host["cf_image"].shape[0] if "cf_image" in host else 0
@@ -635,6 +647,50 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
                        "images_per_step": plan.size * n_dev * len(groups[0]), "devices": n_dev,
                        "platform": platform, "loop": loop, "vmap_seeds": bool(vmap_seeds),
                        "grad_kernels": cpu_grads.resolve(grad_kernels)}}
+
+
+# ---------------------------------------------------------------- the official recipe's fixed set
+def _generator_digest(variables) -> str:
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(variables))
+    crc = 0
+    for path, leaf in leaves:
+        crc = zlib.crc32(jax.tree_util.keystr(path).encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(leaf).data, crc)
+    return f"{crc:08x}"
+
+
+def fixed_counterfactual_set(generator: Generator, setup: ClassifierSetup, cache: Path | None = None,
+                             progress: bool = True) -> dict[str, np.ndarray]:
+    """{'cf_image', 'cf_label'}: `setup.fixed_size` counterfactuals, `setup.num_cfs` per shape, key 0.
+
+    As the official `generate_data.py`: one set for the whole run (every seed trains on the
+    same images). Kept in `cache` (written whole, then renamed), so a resumed run trains on the
+    very same images even where generation is not bit-reproducible (GPU convolutions); a cache
+    made by another generator or size is replaced.
+    """
+    from cgn_jax.generate import generate_dataset
+
+    tag = f"{_generator_digest(generator.variables)}:{setup.fixed_size}:{setup.num_cfs}"
+    if cache is not None and cache.is_file():
+        try:
+            with np.load(cache) as f:
+                if str(f["tag"]) == tag:
+                    return {"cf_image": f["cf_image"], "cf_label": f["cf_label"]}
+        except (OSError, ValueError, KeyError) as e:
+            print(f"regenerating the fixed counterfactual set: {cache} is unreadable ({e})", file=sys.stderr)
+    t0 = time.perf_counter()
+    shapes_per_call = min(100, -(-setup.fixed_size // setup.num_cfs))  # small sets: whole shapes, one call
+    out = generate_dataset(generator.model, generator.variables, jax.random.PRNGKey(0), setup.fixed_size,
+                           setup.num_cfs, batch_size=shapes_per_call * setup.num_cfs, progress=progress)
+    print(f"generated the fixed set of {setup.fixed_size} counterfactuals ({setup.num_cfs} per shape) in "
+          f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    result = {"cf_image": out["image"], "cf_label": out["label"].astype(np.int32)}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, tag=np.str_(tag), **result)
+        tmp.replace(cache)
+    return result
 
 
 # ---------------------------------------------------------------- resuming
