@@ -411,6 +411,14 @@ def test_cli_trains_with_on_the_fly_counterfactuals(tmp_path, mnist_dir, tfds_di
     again = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in again] == [1, 2] and all(x["restored"] for x in again)
     assert len(list((workdir / "tb").glob("events.*"))) == 1  # rebuilt, not appended to
+
+    # the official recipe from the CLI: the fixed set is generated once and kept with the checkpoints
+    official = tmp_path / "official"
+    assert cli.main(["train-classifier", "--config=configs/classifier.py:colored,cgn_official",
+                     f"--workdir={official}", "--no-progress", *command[4:8], "--config.data.fixed_size=128",
+                     "--config.train.epochs=1"]) == 0
+    assert json.loads((official / "summary.json").read_text())["steps_per_epoch"] == 128 // 64
+    assert (official / "checkpoints" / C.FIXED_SET_FILE).is_file()
     assert json.loads((workdir / "summary.json").read_text())["test_acc"] == summary["test_acc"]
 
 
