@@ -364,8 +364,20 @@ def _jsonable(x):
 _PROTOCOL_KEYS = ("epochs", "limit", "generator", "setup")
 
 
+def _setup_defaults() -> dict:
+    import dataclasses
+
+    from cgn_jax.train.classifier import ClassifierSetup
+
+    return {f.name: f.default for f in dataclasses.fields(ClassifierSetup) if f.default is not dataclasses.MISSING}
+
+
 def _protocol(row: dict) -> dict:
-    return _jsonable({k: row.get(k) for k in _PROTOCOL_KEYS})
+    """A setup field added after a row was stored counts at its default, so old rows still match."""
+    protocol = {k: row.get(k) for k in _PROTOCOL_KEYS}
+    if isinstance(protocol["setup"], dict):
+        protocol["setup"] = {**_setup_defaults(), **protocol["setup"]}
+    return _jsonable(protocol)
 
 
 def _parts(row: dict) -> list[dict]:

@@ -371,6 +371,12 @@ def test_table1_rows_gather_seeds_from_several_calls(tmp_path, capsys):
     assert both["seeds"] == [0, 2] and both["test_acc"] == [0.3, 0.5] and both["timing"]["total_seconds"] == 200.0
     again = table1.combine_rows(both, row([2], [0.7]))  # a seed trained again replaces its old result
     assert again["seeds"] == [0, 2] and again["test_acc"] == [0.3, 0.7] and len(again["parts"]) == 2
+    # a row stored before a setup field existed matches a new row holding that field's default
+    newer = row([3], [0.4])
+    newer["setup"] = {**newer["setup"], "fixed_size": C.ClassifierSetup("colored").fixed_size}
+    assert table1.combine_rows(both, newer)["seeds"] == [0, 2, 3]
+    newer["setup"]["fixed_size"] = 7
+    assert table1.combine_rows(both, newer)["seeds"] == [3] and "protocol differs" in capsys.readouterr().err
     other = table1.combine_rows(both, row([1], [0.9], epochs=1))
     assert other["seeds"] == [1] and "protocol differs" in capsys.readouterr().err
     # a row written before rows had parts counts as one part
