@@ -271,12 +271,19 @@ def _fmt(values) -> str:
     return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
+ROW_ORDER = (*METHOD_ORDER, "cgn_only")  # table rows and curve colours follow this order
+
+
+def _ordered_rows(runs: dict) -> list[str]:
+    """Row names ("method" or "method@generator tag") in table order."""
+    return sorted({r.get("row", r["method"]) for r in runs.values() if r["method"] in ROW_ORDER},
+                  key=lambda row: (ROW_ORDER.index(row.split("@")[0]), row))
+
+
 def render_markdown(results: dict) -> str:
     runs = results.get("runs", {})
     variants = [v for v in VARIANT_ORDER if any(r["variant"] == v for r in runs.values())]
-    order = (*METHOD_ORDER, "cgn_only")
-    rows = sorted({r.get("row", r["method"]) for r in runs.values() if r["method"] in order},
-                  key=lambda row: (order.index(row.split("@")[0]), row))
+    rows = _ordered_rows(runs)
     head = "| Method | " + " | ".join(f"{VARIANT_TITLES[v]}: train | test | paper test" for v in variants) + " |"
     sep = "|---|" + "---:|---:|---:|" * len(variants)
     lines = [head, sep]
@@ -317,7 +324,7 @@ def render_curves(results: dict, path) -> Path | None:
     seeds, band = min..max): shows whether a row had converged and how far seeds spread.
     None (nothing drawn) without matplotlib, which an accelerator-only install may lack."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
     except ImportError:
         return None
     from cgn_jax.train.logging import finish_panel, panel_figure, save_figure
@@ -327,9 +334,11 @@ def render_curves(results: dict, path) -> Path | None:
     if not variants:
         return None
     fig, axes = panel_figure(len(variants), size=(4.6, 3.6))
+    colours = matplotlib.colormaps["tab10"].colors
     for ax, variant in zip(axes, variants):
-        for key, row in sorted(runs.items()):
-            if row["variant"] != variant:
+        for row_name in _ordered_rows(runs):
+            row = runs.get(f"{variant}/{row_name}")
+            if row is None:
                 continue
             curves = [[e["test_acc"][j] * 100 for e in part.get("history", [])]
                       for part in _parts(row) for j in range(len(part["seeds"]))]
@@ -339,11 +348,14 @@ def render_curves(results: dict, path) -> Path | None:
                 continue
             a = np.array([c[:n] for c in curves])
             epochs = np.arange(1, n + 1)
-            name, _, tag = row.get("row", row["method"]).partition("@")
-            line, = ax.plot(epochs, a.mean(0), marker=".",
-                            label=METHOD_TITLES.get(name, name) + (f" ({tag})" if tag else "") + f", {len(a)} seed(s)")
+            name, _, tag = row_name.partition("@")
+            # one colour per method in every panel; rows from CGNs trained here are dashed
+            colour = colours[ROW_ORDER.index(name) % len(colours)]
+            label = (METHOD_TITLES.get(name, name) + (f" (CGN: {tag})" if tag else "")
+                     + f", {len(a)} seed{'s' if len(a) > 1 else ''}")
+            ax.plot(epochs, a.mean(0), marker=".", color=colour, linestyle="--" if tag else "-", label=label)
             if len(a) > 1:
-                ax.fill_between(epochs, a.min(0), a.max(0), color=line.get_color(), alpha=0.2)
+                ax.fill_between(epochs, a.min(0), a.max(0), color=colour, alpha=0.2)
         ax.set_ylabel("%")
         ax.set_ylim(0, 100)
         finish_panel(ax, f"{VARIANT_TITLES[variant]}: test accuracy", "epoch", legend_size=7)
