@@ -20,7 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
-from cgn_jax.train.classifier import DATASET, FIXED, ON_THE_FLY, ClassifierSetup, Generator, SetupError
+from cgn_jax.train.classifier import (DATASET, FIXED, ON_THE_FLY, ClassifierSetup, Generator, SetupError,
+                                     epoch_summary)
 from cgn_jax.train.logging import plot_metrics
 
 # panels of plots/classifier.png (and the TensorBoard scalars); absent or None metrics are skipped
@@ -159,6 +160,8 @@ def run(args) -> int:
         tb.flush()
         plot_metrics(rows, [p for p in EPOCH_PANELS if any(row.get(n) is not None for n in p[1])],
                      workdir / "plots" / "classifier.png", x="epoch")
+        if args.no_progress:
+            print(epoch_summary(record, setup.epochs), file=sys.stderr, flush=True)
 
     try:
         with StopOnSignal() as stop:

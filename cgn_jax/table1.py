@@ -493,7 +493,7 @@ def run(args) -> int:
 
     import jax
 
-    from cgn_jax.train.classifier import SetupError, group_checkpoint_dir, train_classifier
+    from cgn_jax.train.classifier import SetupError, epoch_summary, group_checkpoint_dir, train_classifier
     from cgn_jax.train.signals import StopOnSignal
 
     if args.jax_cache:
@@ -580,10 +580,15 @@ def run(args) -> int:
                 # seeds trained together share one call; apart, each is saved as soon as it ends
                 row_checkpoints = checkpoints / _slug(key) / _digest(protocol)
                 for group in ([todo] if vmap else [[s] for s in todo]):
+                    log_epoch = None
+                    if args.no_progress:  # a background run still says how far it got
+                        def log_epoch(record, key=key):
+                            print(f"table1: {key}: {epoch_summary(record, setup.epochs)}", file=sys.stderr,
+                                  flush=True)
                     with StopOnSignal() as stop:
                         res = train_classifier(setup, data, assets, generator, seeds=group, vmap_seeds=vmap,
                                                progress=not args.no_progress, checkpoint_dir=row_checkpoints,
-                                               stop=stop)
+                                               stop=stop, on_epoch=log_epoch)
                     if res["status"] == "interrupted":
                         save()
                         print(f"table1: {key}: seeds {group}: stopped by {signal.Signals(res['signal']).name}; "

@@ -226,6 +226,12 @@ def test_classifier_learns_a_small_split(colored_envs):
     assert records[-1]["train_loss"][0] < records[0]["train_loss"][0] + 1e-6
     assert res["history"][-1]["test_acc"][0] > 0.3, res["history"]  # chance: 0.1
     assert res["history"][-1]["train_acc"][0] > 0.2
+    # the log line a run without a progress bar prints per epoch
+    line = C.epoch_summary(records[-1], setup.epochs)
+    assert line.startswith("seeds [0]: epoch 2/2: test acc ") and f"{100 * records[-1]['test_acc'][0]:.1f} %" in line
+    assert "IRM penalty" not in line
+    assert "IRM penalty 0.5/2" in C.epoch_summary({**records[-1], "seeds": [0, 1], "test_acc": [0.5, 0.25],
+                                                   "train_acc": [1.0, 1.0], "irm_penalty": [0.5, 2.0]}, 10)
 
 
 class _StopAfter:
@@ -397,7 +403,7 @@ def test_table1_rows_gather_seeds_from_several_calls(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_trains_with_on_the_fly_counterfactuals(tmp_path, mnist_dir, tfds_dir):
+def test_cli_trains_with_on_the_fly_counterfactuals(tmp_path, mnist_dir, tfds_dir, capsys):
     from cgn_jax import cli
 
     workdir = tmp_path / "run"
@@ -406,6 +412,7 @@ def test_cli_trains_with_on_the_fly_counterfactuals(tmp_path, mnist_dir, tfds_di
                f"--config.dataset.limit={N_SMALL}", f"--config.dataset.test_limit={N_SMALL}",
                "--config.train.epochs=2", "--config.train.steps_per_epoch=5"]
     assert cli.main(command) == 0
+    assert "seeds [0]: epoch 2/2: test acc " in capsys.readouterr().err  # --no-progress: a line per epoch
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
     assert lines[0]["train_acc_gen"] is not None and lines[0]["test_acc"] >= 0
@@ -429,7 +436,7 @@ def test_cli_trains_with_on_the_fly_counterfactuals(tmp_path, mnist_dir, tfds_di
 
 
 @pytest.mark.slow
-def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir, monkeypatch):
+def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir, monkeypatch, capsys):
     from conftest import SHARED
 
     from cgn_jax.train import signals
@@ -448,9 +455,11 @@ def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(signals, "StopOnSignal", lambda: contextlib.nullcontext(_StopAfter(1)))
         assert cli.main(first_call) == 128 + 15
+    capsys.readouterr()
     assert list((tmp_path / "t1.ckpt").glob("colored_original/*/seeds_0/*"))
     assert not json.loads(out.with_suffix(".json").read_text())["runs"]
     assert cli.main(first_call) == 0  # continues, and drops each call's checkpoints once its seeds are saved
+    assert "table1: colored/irm2: seeds [1]: epoch 1/1: test acc " in capsys.readouterr().err  # --no-progress logs epochs
     assert not (tmp_path / "t1.ckpt").exists()
     md = out.read_text()
     assert "| Original |" in md and "| IRM (2 envs) |" in md

@@ -448,6 +448,16 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
 
 
+def epoch_summary(record: dict, epochs: int) -> str:
+    """One log line per epoch, for runs without a progress bar (background jobs, batch logs)."""
+    pct = lambda xs: "/".join(f"{100 * x:.1f}" for x in xs)  # noqa: E731  one value per seed
+    line = (f"seeds {record['seeds']}: epoch {record['epoch']}/{epochs}: test acc {pct(record['test_acc'])} %, "
+            f"train acc {pct(record['train_acc'])} %")
+    if record.get("irm_penalty") is not None:
+        line += f", IRM penalty {'/'.join(f'{x:.2g}' for x in record['irm_penalty'])}"
+    return line + f" ({record['seconds']:.0f} s, {record['images_per_s']:.0f} images/s)"
+
+
 def member_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array]:
     """(init keys, data keys), one per seed."""
     keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
