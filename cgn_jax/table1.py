@@ -43,7 +43,8 @@ VARIANT_TITLES = {"colored": "colored MNIST", "double_colored": "double-colored 
 METHOD_ORDER = ("original", "irm2", "irm5", "original+gan", "original+cgn", "cgn_official")
 METHOD_TITLES = {"original": "Original", "irm2": "IRM (2 envs)", "irm5": "IRM (5 envs)",
                  "original+gan": "Original + GAN", "original+cgn": "Original + CGN",
-                 "cgn_official": "CGN counterfactuals only, official recipe", "cgn_only": "CGN only"}
+                 "cgn_official": "CGN counterfactuals only, official recipe (fixed set)",
+                 "cgn_only": "CGN counterfactuals only, fresh every step"}
 # method -> (data mode, IRM environment correlations); mirrors configs/classifier.py (no ml_collections here)
 METHODS = {
     "original": ("original", ()),
@@ -333,7 +334,7 @@ def render_curves(results: dict, path) -> Path | None:
     variants = [v for v in VARIANT_ORDER if any(r["variant"] == v for r in runs.values())]
     if not variants:
         return None
-    fig, axes = panel_figure(len(variants), size=(4.6, 3.6))
+    fig, axes = panel_figure(len(variants), size=(4.6, 4.6))
     colours = matplotlib.colormaps["tab10"].colors
     for ax, variant in zip(axes, variants):
         for row_name in _ordered_rows(runs):
@@ -358,7 +359,7 @@ def render_curves(results: dict, path) -> Path | None:
                 ax.fill_between(epochs, a.min(0), a.max(0), color=colour, alpha=0.2)
         ax.set_ylabel("%")
         ax.set_ylim(0, 100)
-        finish_panel(ax, f"{VARIANT_TITLES[variant]}: test accuracy", "epoch", legend_size=7)
+        finish_panel(ax, f"{VARIANT_TITLES[variant]}: test accuracy", "epoch", legend_size=8, legend_below=True)
     return save_figure(fig, path)
 
 

@@ -491,5 +491,5 @@ def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir, monkeypatch, capsys):
     row = json.loads(out.with_suffix(".json").read_text())["runs"]["colored/cgn_official@mine"]
     assert row["steps_per_epoch"] == 256 // 64 and row["setup"]["cf_source"] == "fixed"
     assert not (tmp_path / "t1.ckpt").exists()
-    assert "| CGN counterfactuals only, official recipe (CGN: mine) |" in out.read_text()
+    assert "| CGN counterfactuals only, official recipe (fixed set) (CGN: mine) |" in out.read_text()
     assert cli.main(["table1", "--data", str(bundles), "--generator", "colored"]) == 2  # no =DIR

@@ -124,12 +124,16 @@ def panel_figure(n_panels: int, size: tuple[float, float] = (4.2, 3.2)):
     return fig, [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
 
 
-def finish_panel(ax, title: str, xlabel: str, legend_size: int = 8) -> None:
+def finish_panel(ax, title: str, xlabel: str, legend_size: int = 8, legend_below: bool = False) -> None:
+    """Title, grid and legend; `legend_below` keeps a long legend off curves that fill the panel."""
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=legend_size)
+        if legend_below:
+            ax.legend(fontsize=legend_size, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+        else:
+            ax.legend(fontsize=legend_size)
 
 
 def save_figure(fig, path: str | Path) -> Path:
