@@ -134,6 +134,7 @@ def test_bench_refuses_what_it_cannot_time():
     assert p.returncode == 2 and "does not split evenly over 2 devices" in p.stderr
 
 
+@pytest.mark.slow  # the step is tested by test_imagenet_classifier; keeps the default run under 15 min on 2 cores
 def test_bench_imagenet_classifier_json():
     p = _bench("--config=configs/imagenet_classifier.py:tiny", "--batch", "4", "--steps", "2", "--json")
     assert p.returncode == 0, p.stderr[-3000:]
