@@ -124,8 +124,7 @@ def run(args) -> int:
 
     try:
         data, assets = load_data(config, setup)
-        needs_generator = setup.uses_generator or setup.makes_fixed_set
-        generator, checkpoint = load_generator_for(config) if needs_generator else (None, "")
+        generator, checkpoint = load_generator_for(config) if setup.needs_generator else (None, "")
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from e
 

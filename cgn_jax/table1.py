@@ -336,8 +336,9 @@ def render_curves(results: dict, path) -> Path | None:
         return None
     fig, axes = panel_figure(len(variants), size=(4.6, 4.6))
     colours = matplotlib.colormaps["tab10"].colors
+    row_names = _ordered_rows(runs)
     for ax, variant in zip(axes, variants):
-        for row_name in _ordered_rows(runs):
+        for row_name in row_names:
             row = runs.get(f"{variant}/{row_name}")
             if row is None:
                 continue

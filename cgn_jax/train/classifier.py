@@ -141,6 +141,11 @@ class ClassifierSetup:
     def makes_fixed_set(self) -> bool:
         return self.mode in GENERATED_MODES and self.cf_source == FIXED
 
+    @property
+    def needs_generator(self) -> bool:
+        """A CGN must be loaded: it runs in the step, or it makes the fixed set first."""
+        return self.uses_generator or self.makes_fixed_set
+
 
 class BatchPlan(NamedTuple):
     """Per-device composition of a step's batch."""
@@ -498,7 +503,7 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
     if not seeds:
         raise SetupError("need at least one seed")
     plan = batch_plan(setup, n_dev)
-    if (setup.uses_generator or setup.makes_fixed_set) and generator is None:
+    if setup.needs_generator and generator is None:
         raise SetupError(f"mode {setup.mode} with cf_source {setup.cf_source} needs a generator (a CGN checkpoint)")
     if setup.makes_fixed_set:
         cache = Path(checkpoint_dir) / FIXED_SET_FILE if checkpoint_dir is not None else None
