@@ -42,6 +42,7 @@ VARIANT_ORDER = ("colored", "double_colored", "wildlife")
 VARIANT_TITLES = {"colored": "colored MNIST", "double_colored": "double-colored MNIST", "wildlife": "Wildlife MNIST"}
 METHOD_ORDER = ("original", "irm2", "irm5", "original+gan", "original+cgn", "cgn_official")
 METHOD_TITLES = {"original": "Original", "irm2": "IRM (2 envs)", "irm5": "IRM (5 envs)",
+                 "erm2": "ERM on the 2 IRM envs (no penalty)", "erm5": "ERM on the 5 IRM envs (no penalty)",
                  "original+gan": "Original + GAN", "original+cgn": "Original + CGN",
                  "cgn_official": "CGN counterfactuals only, official recipe (fixed set)",
                  "cgn_only": "CGN counterfactuals only, fresh every step"}
@@ -50,6 +51,8 @@ METHODS = {
     "original": ("original", ()),
     "irm2": ("original", irm.ENVIRONMENTS[2]),
     "irm5": ("original", irm.ENVIRONMENTS[5]),
+    "erm2": ("original", irm.ENVIRONMENTS[2]),
+    "erm5": ("original", irm.ENVIRONMENTS[5]),
     "original+gan": ("original+gan", ()),
     "original+cgn": ("original+cgn", ()),
     "cgn_only": ("cgn_only", ()),
@@ -61,7 +64,10 @@ METHODS = {
 # 100,000 images per epoch. That is twice the updates of an epoch of the real split, and no
 # correlated real images in a batch.
 # method -> ClassifierSetup fields it fixes (--steps-per-epoch still shortens the epoch).
-METHOD_SETUP = {"cgn_official": {"cf_source": "fixed", "num_cfs": 10, "fixed_size": OFFICIAL_CF_DATASET_SIZE}}
+# The ERM controls (not Table 1 rows) see IRM's environments without its penalty, which tells the
+# penalty's share of IRM's gain from that of the decorrelated images in the 0.9 environment.
+METHOD_SETUP = {"cgn_official": {"cf_source": "fixed", "num_cfs": 10, "fixed_size": OFFICIAL_CF_DATASET_SIZE},
+                "erm2": {"irm_penalty_weight": 0.0}, "erm5": {"irm_penalty_weight": 0.0}}
 # Paper, Table 1, test accuracy (%): colored, double-colored, Wildlife MNIST (None: not reported)
 PAPER_TEST_ACC = {
     "original": (35.9, 10.3, 10.1),
@@ -249,12 +255,12 @@ def method_setup(variant: str, method: str, args):
     from cgn_jax.train.classifier import ClassifierSetup
 
     mode, correlations = METHODS[method]
-    fields = {"steps_per_epoch": 0, **METHOD_SETUP.get(method, {})}
+    fields = {"steps_per_epoch": 0, "irm_penalty_weight": args.irm_penalty, **METHOD_SETUP.get(method, {})}
     if args.steps_per_epoch:
         fields["steps_per_epoch"] = args.steps_per_epoch
     if args.fixed_size and "fixed_size" in fields:
         fields["fixed_size"] = args.fixed_size
-    return ClassifierSetup(variant, mode=mode, irm_correlations=correlations, irm_penalty_weight=args.irm_penalty,
+    return ClassifierSetup(variant, mode=mode, irm_correlations=correlations,
                            irm_anneal_steps=args.irm_anneal_steps, real_fraction=args.real_fraction,
                            epochs=args.epochs, pool=args.pool, **fields)
 
@@ -272,7 +278,8 @@ def _fmt(values) -> str:
     return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-ROW_ORDER = (*METHOD_ORDER, "cgn_only")  # table rows and curve colours follow this order
+# table rows and curve colours follow this order; each ERM control sits under its IRM row
+ROW_ORDER = ("original", "irm2", "erm2", "irm5", "erm5", "original+gan", "original+cgn", "cgn_official", "cgn_only")
 
 
 def _ordered_rows(runs: dict) -> list[str]:

@@ -6,6 +6,7 @@ the conftest fixtures) with small `limit=` TFDS builds in a temporary directory.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -309,10 +310,29 @@ def test_config_arg_and_errors(capsys):
         C.batch_plan(C.ClassifierSetup("colored", batch_size=63), 2)
 
 
+def test_erm_control_rows_in_the_config_and_table1():
+    """erm2/erm5: IRM's environments without the penalty, so the penalty's effect can be measured."""
+    from cgn_jax import table1
+    from cgn_jax.config_loading import load_config
+
+    erm = load_config("configs/classifier.py:colored,erm5")
+    assert (erm.irm.correlations, erm.irm.penalty_weight) == (irm.ENVIRONMENTS[5], 0.0)
+    assert load_config("configs/classifier.py:colored,irm5").irm.penalty_weight == irm.DEFAULT_PENALTY_WEIGHT
+    parser = argparse.ArgumentParser()
+    table1.add_arguments(parser)
+    setups = {m: table1.method_setup("colored", m, parser.parse_args(["--irm-penalty", "50"])) for m in ("irm2", "erm2")}
+    assert setups["erm2"].irm_correlations == setups["irm2"].irm_correlations == irm.ENVIRONMENTS[2]
+    assert (setups["erm2"].irm_penalty_weight, setups["irm2"].irm_penalty_weight) == (0.0, 50.0)
+    assert table1.env_specs_for(["erm2"]) == table1.env_specs_for(["irm2"])  # the same data bundle rows
+    runs = {f"colored/{m}": {"variant": "colored", "method": m, "seeds": [0], "epochs": 10, "train_acc": [0.9],
+                             "test_acc": [0.5], "timing": {"total_seconds": 1}} for m in ("erm2", "irm2", "original")}
+    lines = table1.render_markdown({"runs": runs}).splitlines()
+    assert [ln.split(" |")[0] for ln in lines[2:5]] == ["| Original", "| IRM (2 envs)", "| ERM on the 2 IRM envs (no penalty)"]
+    assert lines[4].endswith("| 90.0 | 50.0 | – |")  # no paper number for the control
+
+
 def test_official_recipe_row_in_the_config_and_table1():
     """cgn_official: counterfactuals only, from one fixed set of 100,000 (10 per shape), in the config and table1."""
-    import argparse
-
     from cgn_jax import table1
     from cgn_jax.classifier_cli import setup_from_config
     from cgn_jax.config_loading import load_config
