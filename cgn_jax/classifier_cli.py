@@ -32,7 +32,7 @@ EPOCH_PANELS = (("accuracy", ("train_acc", "train_acc_real", "train_acc_gen", "t
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", default="configs/classifier.py:colored,original+cgn",
-                        help="configs/classifier.py:VARIANT[,METHOD]; METHOD in original, irm2, irm5, "
+                        help="configs/classifier.py:VARIANT[,METHOD]; METHOD in original, irm2, irm5, erm2, erm5, "
                              "original+gan, original+cgn (default), cgn_only, cgn_official; or configs/imagenet_classifier.py[:ARG] "
                              "for the ImageNet ensemble")
     parser.add_argument("--workdir", default="",

@@ -4,8 +4,9 @@ VARIANT: colored | double_colored | wildlife (or their TFDS / official names).
 METHOD (default original+cgn) names a row of the paper's Table 1:
   original      real training split only
   irm2, irm5    IRM on the real data in 2 / 5 environments (cgn_jax.irm)
-  erm2, erm5    the IRM environments without the penalty (weight 0): the control that
-                separates the penalty's effect from that of the decorrelated images
+  erm2, erm5    the IRM control: the same environments and warm-up (irm.anneal_steps at
+                weight 1), then penalty weight 0, so the penalty's effect shows apart
+                from that of the decorrelated images
   original+gan  real images + CGN samples with one label for all mechanisms
   original+cgn  real images + counterfactuals labelled with their shape label
   cgn_only      counterfactuals only
@@ -98,7 +99,7 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
 
     c.irm = ml_collections.ConfigDict()
     c.irm.correlations = tuple(correlations)  # one environment per value; () = no IRM
-    # see cgn_jax/irm.py for the choice; the ERM controls train on the environments without it
+    # see cgn_jax/irm.py for the choice; the ERM controls drop the penalty after the warm-up
     c.irm.penalty_weight = 0.0 if method.startswith("erm") else float(DEFAULT_PENALTY_WEIGHT)
     c.irm.anneal_steps = DEFAULT_ANNEAL_STEPS
 

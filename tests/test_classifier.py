@@ -311,7 +311,7 @@ def test_config_arg_and_errors(capsys):
 
 
 def test_erm_control_rows_in_the_config_and_table1():
-    """erm2/erm5: IRM's environments without the penalty, so the penalty's effect can be measured."""
+    """erm2/erm5: IRM's environments and warm-up, then no penalty, so the penalty's effect can be measured."""
     from cgn_jax import table1
     from cgn_jax.config_loading import load_config
 
@@ -327,7 +327,7 @@ def test_erm_control_rows_in_the_config_and_table1():
     runs = {f"colored/{m}": {"variant": "colored", "method": m, "seeds": [0], "epochs": 10, "train_acc": [0.9],
                              "test_acc": [0.5], "timing": {"total_seconds": 1}} for m in ("erm2", "irm2", "original")}
     lines = table1.render_markdown({"runs": runs}).splitlines()
-    assert [ln.split(" |")[0] for ln in lines[2:5]] == ["| Original", "| IRM (2 envs)", "| ERM on the 2 IRM envs (no penalty)"]
+    assert [ln.split(" |")[0] for ln in lines[2:5]] == ["| Original", "| IRM (2 envs)", "| ERM control on the 2 IRM envs"]
     assert lines[4].endswith("| 90.0 | 50.0 | – |")  # no paper number for the control
 
 
