@@ -76,8 +76,9 @@ def irm_objective(log_probs: jax.Array, labels: jax.Array, weight: jax.Array):
     risks = jax.vmap(nll)(log_probs, labels)
     penalties = jax.vmap(irm_penalty)(log_probs, labels)
     risk, penalty = jnp.mean(risks), jnp.mean(penalties)
-    loss = risk + weight * penalty
-    loss = jnp.where(weight > 1.0, loss / weight, loss)
+    # max() and not where(weight > 1, loss / weight, loss): where() differentiates both branches,
+    # and at weight 0 (the ERM control) loss / 0 turns every gradient into NaN.
+    loss = (risk + weight * penalty) / jnp.maximum(weight, 1.0)
     return loss, (risk, penalty)
 
 

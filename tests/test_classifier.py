@@ -116,6 +116,13 @@ def test_irm_penalty_zero_when_scale_is_optimal():
     loss2, _ = objective(lp, ys, jnp.float32(1e4))
     assert float(loss1) == pytest.approx(float(risk + pen), rel=1e-5)
     assert float(loss2) == pytest.approx(float((risk + 1e4 * pen) / 1e4), rel=1e-5)
+    # weight 0 (the ERM control): the plain risk, and gradients stay finite and equal to the risk's
+    loss0, (risk0, _) = objective(lp, ys, jnp.float32(0.0))
+    assert float(loss0) == pytest.approx(float(risk0), rel=1e-6)
+    grad0 = jax.grad(lambda x: irm.irm_objective(x, ys, jnp.float32(0.0))[0])(lp)
+    grad_risk = jax.grad(lambda x: irm.irm_objective(x, ys, jnp.float32(1.0))[1][0])(lp)
+    assert bool(jnp.all(jnp.isfinite(grad0)))
+    np.testing.assert_allclose(grad0, grad_risk, rtol=1e-5, atol=1e-8)
 
 
 def test_environments_hit_their_correlation(colored_envs):
