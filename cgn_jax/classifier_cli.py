@@ -47,6 +47,7 @@ def setup_from_config(config) -> ClassifierSetup:
         variant=config.variant, mode=config.data.mode, irm_correlations=tuple(config.irm.correlations),
         irm_penalty_weight=float(config.irm.penalty_weight), irm_anneal_steps=int(config.irm.anneal_steps),
         real_fraction=float(config.data.real_fraction),
+        fixed_augmentation=bool(config.data.get("fixed_augmentation", False)),
         cf_source=source if source in (ON_THE_FLY, FIXED) else DATASET, num_cfs=int(config.data.num_cfs),
         fixed_size=int(config.data.get("fixed_size", 100_000)),
         batch_size=int(config.train.batch_size), epochs=int(config.train.epochs), lr=float(config.train.lr),

@@ -81,6 +81,7 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.mode = mode              # one of DATA_MODES
     c.data.real_fraction = 0.5      # share of real images per batch in original+gan / original+cgn
+    c.data.fixed_augmentation = False  # True: one colour-jitter / crop draw per real image, as a stored data file
     # "on_the_fly": the CGN runs inside the train step (fresh samples every step, nothing on disk);
     # or the path of a dataset written by `cgn-jax generate --dataset` (its --out dir or tfds/ in it);
     # or "fixed": one set of data.fixed_size counterfactuals (data.num_cfs per shape) generated

@@ -182,6 +182,35 @@ def test_on_the_fly_counterfactual_batches(colored_generator):
     assert gan["image"].shape == (6, 32, 32, 3)
 
 
+def test_fixed_augmentation_draws_once_per_image():
+    """fixed_augmentation: an image looks the same whenever it is drawn (a stored data file);
+    by default every use gets a fresh colour jitter."""
+    from cgn_jax.data import make_assets
+
+    host_data = _toy_data(n=16)
+    images = {}
+    for fixed in (False, True):
+        setup = C.ClassifierSetup("colored", mode="original", batch_size=16, fixed_augmentation=fixed)
+        plan = C.batch_plan(setup, 1)
+        host, _ = C.prepare_data(host_data, setup, 1, make_assets("colored"))
+        data = jax.tree.map(jnp.asarray, host)
+        make = jax.jit(lambda key, perms: C.training_batch(key, 0, perms, data, None, setup=setup, plan=plan,
+                                                           gen_model=None))
+        # two epochs (other orders, other step keys) cover all 16 images each; compare per image
+        out = []
+        for epoch in (0, 1):
+            perms = C._epoch_permutations(jax.random.PRNGKey(epoch), setup, 16, 0)
+            batch = make(jax.random.PRNGKey(10 + epoch), perms)
+            order = np.asarray(perms["real"][0][:16])
+            by_image = np.empty((16, 32, 32, 3), np.float32)
+            by_image[order] = np.asarray(batch["image"])
+            np.testing.assert_array_equal(np.asarray(batch["label"]), host_data["label"][order])
+            out.append(by_image)
+        images[fixed] = out
+    np.testing.assert_array_equal(images[True][0], images[True][1])
+    assert float(np.abs(images[False][0] - images[False][1]).max()) > 0.05
+
+
 def test_the_official_recipe_trains_on_one_fixed_set(colored_generator, tmp_path, monkeypatch):
     """cf_source 'fixed': one set, num_cfs per shape, made once, cached for resumes, one pass per epoch."""
     from cgn_jax import generate

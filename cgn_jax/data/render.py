@@ -96,13 +96,15 @@ def _render_one(key: jax.Array, digit: jnp.ndarray, fg: jnp.ndarray, bg: jnp.nda
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "train", "clip"))
-def render_batch(key: jax.Array, batch: dict[str, jnp.ndarray], assets: dict[str, jnp.ndarray],
-                 variant: str, train: bool = True, clip: bool | None = None) -> jnp.ndarray:
+def render_batch(key: jax.Array | None, batch: dict[str, jnp.ndarray], assets: dict[str, jnp.ndarray],
+                 variant: str, train: bool = True, clip: bool | None = None,
+                 example_keys: jax.Array | None = None) -> jnp.ndarray:
     """Render a batch of stored examples to float32 (B, 32, 32, 3) images in [-1, 1].
 
     batch: 'digit' (B, 32, 32, 1) uint8, 'fg_label', 'bg_label' (B,) int; for `train=False`
     only 'image' (B, 32, 32, 3) uint8 is used (the stored, seeded test rendering).
-    train=True draws fresh augmentation per example from `key` (one split key each).
+    train=True draws fresh augmentation per example from `key` (one split key each), or from
+    `example_keys` (B keys) when given, e.g. keys tied to the example for a fixed draw per image.
     clip: clip to [-1, 1]; None = as the official code (see module docstring).
     Pure and jitted with static `variant`/`train`/`clip`: callable inside a jitted step.
     """
@@ -118,7 +120,8 @@ def render_batch(key: jax.Array, batch: dict[str, jnp.ndarray], assets: dict[str
     b = digit.shape[0]
     chex.assert_shape(digit, (b, s, s, 1))
     chex.assert_shape([fg, bg], (b,))
-    keys = jax.random.split(key, b)
+    keys = jax.random.split(key, b) if example_keys is None else example_keys
+    chex.assert_shape(keys, (b, *keys.shape[1:]))
     render_one = functools.partial(_render_one, assets=assets, variant=variant)
     images = jax.vmap(render_one)(keys, digit, fg, bg)
     out = images * 2.0 - 1.0

@@ -76,6 +76,9 @@ class SetupError(ValueError):
     """A classifier setup that cannot run (bad mode, batch split, missing data)."""
 
 
+FIXED_AUGMENTATION_SEED = 20210504  # fixed_augmentation: the "data file" draw, shared by all runs
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassifierSetup:
     """Everything that shapes the compiled training step (hashable: a static argument)."""
@@ -89,6 +92,10 @@ class ClassifierSetup:
     cf_source: str = ON_THE_FLY     # or DATASET (arrays 'cf_image', 'cf_label' in the data), or FIXED
     num_cfs: int = 1                # on the fly: counterfactuals per sampled shape in a batch; FIXED: per shape
     fixed_size: int = OFFICIAL_CF_DATASET_SIZE  # FIXED: images in the generated set
+    # True: one augmentation draw (colour jitter, texture crop) per real training image, the same in
+    # every epoch and for every seed, as in a stored data file like the official colored MNIST's;
+    # False: a fresh draw each time an image is used (an augmentation against the cue).
+    fixed_augmentation: bool = False
     batch_size: int = 64            # global, split over the devices
     epochs: int = 10
     lr: float = 1.0
@@ -310,8 +317,13 @@ def training_batch(key: jax.Array, step: jax.Array, perms: dict, data: dict, gen
             idx = perms["real"][e][(offset + jnp.arange(plan.n_real)) % n]
             batch = {"digit": data["digit"][idx], "fg_label": data["fg_label"][e][idx],
                      "bg_label": data["bg_label"][e][idx]}
-            images.append(render_batch(jax.random.fold_in(k_real, e), batch, data["assets"],
-                                       setup.variant, train=True))
+            if setup.fixed_augmentation:  # keyed by environment and example, not by step or seed
+                env_key = jax.random.fold_in(jax.random.PRNGKey(FIXED_AUGMENTATION_SEED), e)
+                example_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(env_key, idx)
+            else:
+                example_keys = jax.random.split(jax.random.fold_in(k_real, e), plan.n_real)
+            images.append(render_batch(None, batch, data["assets"], setup.variant, train=True,
+                                       example_keys=example_keys))
             labels.append(data["label"][idx])
     if plan.n_gen:
         if setup.uses_generator:
