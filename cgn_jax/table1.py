@@ -46,7 +46,7 @@ METHOD_TITLES = {"original": "Original", "irm2": "IRM (2 envs)", "irm5": "IRM (5
                  "original+gan": "Original + GAN", "original+cgn": "Original + CGN",
                  "cgn_official": "CGN counterfactuals only, official recipe (fixed set)",
                  "cgn_only": "CGN counterfactuals only, fresh every step"}
-# method -> (data mode, IRM environment correlations); mirrors configs/classifier.py (no ml_collections here)
+# method -> (data mode, IRM environment correlations); configs/classifier.py reads this table too
 METHODS = {
     "original": ("original", ()),
     "irm2": ("original", irm.ENVIRONMENTS[2]),

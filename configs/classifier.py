@@ -21,23 +21,15 @@ the defaults; see cgn_jax/train/classifier.py for what an epoch is in each mode.
 
 import ml_collections
 
+from cgn_jax import table1
 from cgn_jax.data.palettes import canonical_variant
-from cgn_jax.irm import DEFAULT_ANNEAL_STEPS, DEFAULT_PENALTY_WEIGHT, ENVIRONMENTS
+from cgn_jax.irm import DEFAULT_ANNEAL_STEPS, DEFAULT_PENALTY_WEIGHT
 from cgn_jax.train.classifier import OFFICIAL_CF_DATASET_SIZE
 
 DATA_MODES = ("original", "original+gan", "original+cgn", "cgn_only")
-METHODS = {
-    # method: (data mode, IRM environment correlations)
-    "original": ("original", ()),
-    "irm2": ("original", ENVIRONMENTS[2]),
-    "irm5": ("original", ENVIRONMENTS[5]),
-    "erm2": ("original", ENVIRONMENTS[2]),
-    "erm5": ("original", ENVIRONMENTS[5]),
-    "original+gan": ("original+gan", ()),
-    "original+cgn": ("original+cgn", ()),
-    "cgn_only": ("cgn_only", ()),
-    "cgn_official": ("cgn_only", ()),
-}
+# method -> (data mode, IRM environment correlations), and the setup fields a method fixes:
+# one table, in cgn_jax.table1 (which cannot read this file: no ml_collections there)
+METHODS, METHOD_SETUP = table1.METHODS, table1.METHOD_SETUP
 DEFAULT_METHOD = "original+cgn"
 
 
@@ -86,10 +78,10 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     # or the path of a dataset written by `cgn-jax generate --dataset` (its --out dir or tfds/ in it);
     # or "fixed": one set of data.fixed_size counterfactuals (data.num_cfs per shape) generated
     # at the start of the run, as the official generate_data.py + train_classifier.py recipe.
-    c.data.cf_source = "fixed" if method == "cgn_official" else "on_the_fly"
+    c.data.cf_source = METHOD_SETUP.get(method, {}).get("cf_source", "on_the_fly")
     # On the fly: counterfactuals per sampled shape within a batch. 1 = every generated image has
     # its own shape (fresh shapes are free here; the official stored dataset used 10 per shape).
-    c.data.num_cfs = 10 if method == "cgn_official" else 1
+    c.data.num_cfs = METHOD_SETUP.get(method, {}).get("num_cfs", 1)
     c.data.fixed_size = OFFICIAL_CF_DATASET_SIZE  # "fixed": images in the set
     c.data.cf_limit = 0             # stored dataset: first N images (0 = all)
 
@@ -101,7 +93,7 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     c.irm = ml_collections.ConfigDict()
     c.irm.correlations = tuple(correlations)  # one environment per value; () = no IRM
     # see cgn_jax/irm.py for the choice; the ERM controls drop the penalty after the warm-up
-    c.irm.penalty_weight = 0.0 if method.startswith("erm") else float(DEFAULT_PENALTY_WEIGHT)
+    c.irm.penalty_weight = float(METHOD_SETUP.get(method, {}).get("irm_penalty_weight", DEFAULT_PENALTY_WEIGHT))
     c.irm.anneal_steps = DEFAULT_ANNEAL_STEPS
 
     c.model = ml_collections.ConfigDict()

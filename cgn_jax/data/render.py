@@ -96,7 +96,7 @@ def _render_one(key: jax.Array, digit: jnp.ndarray, fg: jnp.ndarray, bg: jnp.nda
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "train", "clip"))
-def render_batch(key: jax.Array | None, batch: dict[str, jnp.ndarray], assets: dict[str, jnp.ndarray],
+def render_batch(key: jax.Array, batch: dict[str, jnp.ndarray], assets: dict[str, jnp.ndarray],
                  variant: str, train: bool = True, clip: bool | None = None,
                  example_keys: jax.Array | None = None) -> jnp.ndarray:
     """Render a batch of stored examples to float32 (B, 32, 32, 3) images in [-1, 1].

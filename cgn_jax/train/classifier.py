@@ -317,13 +317,12 @@ def training_batch(key: jax.Array, step: jax.Array, perms: dict, data: dict, gen
             idx = perms["real"][e][(offset + jnp.arange(plan.n_real)) % n]
             batch = {"digit": data["digit"][idx], "fg_label": data["fg_label"][e][idx],
                      "bg_label": data["bg_label"][e][idx]}
+            example_keys = None  # fresh draws from the step's key
             if setup.fixed_augmentation:  # keyed by environment and example, not by step or seed
                 env_key = jax.random.fold_in(jax.random.PRNGKey(FIXED_AUGMENTATION_SEED), e)
                 example_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(env_key, idx)
-            else:
-                example_keys = jax.random.split(jax.random.fold_in(k_real, e), plan.n_real)
-            images.append(render_batch(None, batch, data["assets"], setup.variant, train=True,
-                                       example_keys=example_keys))
+            images.append(render_batch(jax.random.fold_in(k_real, e), batch, data["assets"],
+                                       setup.variant, train=True, example_keys=example_keys))
             labels.append(data["label"][idx])
     if plan.n_gen:
         if setup.uses_generator:
