@@ -291,6 +291,9 @@ def _ordered_rows(runs: dict) -> list[str]:
 
 def render_markdown(results: dict) -> str:
     runs = results.get("runs", {})
+    if not runs:  # e.g. the first run was interrupted: say so instead of an empty table
+        return ("No run has finished yet. An interrupted run keeps its checkpoint; "
+                "re-run the same command to continue it.\n")
     variants = [v for v in VARIANT_ORDER if any(r["variant"] == v for r in runs.values())]
     rows = _ordered_rows(runs)
     head = "| Method | " + " | ".join(f"{VARIANT_TITLES[v]}: train | test | paper test" for v in variants) + " |"

@@ -407,6 +407,7 @@ def test_table1_bundle_roundtrip_and_markdown(tmp_path):
     results["runs"]["colored/original+cgn"] = {
         "variant": "colored", "method": "original+cgn", "seeds": [0], "epochs": 10,
         "train_acc": [0.95], "test_acc": [0.9], "timing": {"total_seconds": 60}}
+    assert table1.render_markdown({"meta": results["meta"], "runs": {}}).startswith("No run has finished yet.")
     md = table1.render_markdown(results)
     assert "| Original | 98.5 ± 0.7 | 35.0 ± 7.1 | 35.9 |" in md
     rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| Original")]
