@@ -79,6 +79,7 @@ PAPER_TEST_ACC = {
     "cgn_official": (95.1, 89.0, 85.7),  # the number the official recipe produced
 }
 BUNDLE_VERSION = 1
+PALETTE_TAG = "palette-"  # row suffix "@palette-NAME": colored rows run with another palette (--palette)
 
 
 def add_arguments(parser) -> None:
@@ -120,6 +121,11 @@ def add_arguments(parser) -> None:
                         help="use this CGN (a `cgn-jax train` workdir or its generator/ dir) instead of the "
                              "official weights for VARIANT; its rows are stored under --tag")
     parser.add_argument("--tag", default="", help="row suffix for runs with --generator (default 'cgn-jax')")
+    parser.add_argument("--palette", default=palettes.DEFAULT_COLORED_PALETTE, choices=sorted(palettes.COLORED_PALETTES),
+                        help="colored MNIST's ten class colours for the real train and test images: 'measured' "
+                             "(the LNTL palette, the default) or 'separated' (every pair >= 0.5 apart, to measure "
+                             "how much of the colour shortcut the palette decides); rows that run with the real "
+                             "data only; pass it to --export-data too")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -135,7 +141,7 @@ def env_specs_for(methods) -> list[tuple[float, int]]:
 
 
 def collect_variant(variant: str, methods, *, mnist_dir=None, textures_dir=None, tfds_dir=None, weights_dir=None,
-                    limit=None, test_limit=None) -> dict[str, np.ndarray]:
+                    limit=None, test_limit=None, palette: str = palettes.DEFAULT_COLORED_PALETTE) -> dict[str, np.ndarray]:
     """Everything the methods need for `variant`, as flat numpy arrays (needs the TFDS stack)."""
     from cgn_jax.data import load_variant, make_assets
     from cgn_jax.paths import resolve_dir
@@ -150,13 +156,16 @@ def collect_variant(variant: str, methods, *, mnist_dir=None, textures_dir=None,
         if not np.array_equal(sp["digit"], splits[0]["digit"]):
             raise ValueError(f"{variant}: the train splits differ in their digits")
     test = load_variant(variant, "test", limit=test_limit, **common)
-    out = {"version": np.int64(BUNDLE_VERSION), "variant": np.str_(variant),
+    if palette != palettes.DEFAULT_COLORED_PALETTE:
+        test = dict(test, image=_recoloured_test_images(test, palette, mnist_dir, test_limit))
+    out = {"version": np.int64(BUNDLE_VERSION), "variant": np.str_(variant), "palette": np.str_(palette),
            "digit": splits[0]["digit"], "label": splits[0]["label"].astype(np.int32),
            "env_corr": np.array([c for c, _ in specs], np.float64), "env_seed": np.array([s for _, s in specs]),
            "fg_label": np.stack([sp["fg_label"] for sp in splits]).astype(np.int8),
            "bg_label": np.stack([sp["bg_label"] for sp in splits]).astype(np.int8),
            "test_image": test["image"], "test_label": test["label"].astype(np.int32)}
-    for k, v in make_assets(variant, textures_dir).items():
+    colours = palettes.COLORED_PALETTES[palette] if variant == palettes.COLORED else None
+    for k, v in make_assets(variant, textures_dir, palette=colours).items():
         out[f"asset__{k}"] = np.asarray(v, np.float32)
     if any(METHODS[m][0] != "original" for m in methods):
         from cgn_jax.port.mnist import load_torch_mnist_cgn
@@ -165,6 +174,21 @@ def collect_variant(variant: str, methods, *, mnist_dir=None, textures_dir=None,
         variables = load_torch_mnist_cgn(Path(wdir) / f"{variant}_MNIST.pth")
         out.update(_flatten("gen", variables))
     return out
+
+
+def _recoloured_test_images(test: dict, palette: str, mnist_dir, test_limit) -> np.ndarray:
+    """The colored test split drawn again from MNIST with `palette`: the same digits, colour labels
+    and jitter as the stored split (checked), other colours."""
+    from cgn_jax.data.builders import make_split, mnist_split
+    from cgn_jax.data.idx import load_mnist
+
+    images, labels = mnist_split(palettes.COLORED, load_mnist(mnist_dir), "test")
+    split = make_split(palettes.COLORED, images, labels, "test", limit=test_limit,
+                       palette=palettes.COLORED_PALETTES[palette])
+    if not all(np.array_equal(split[k], test[k]) for k in ("label", "fg_label", "digit")):
+        raise ValueError("the colored test split built from MNIST differs from the stored one; rebuild the "
+                         "TFDS data (delete ~/.cache/cgn_jax/tfds/colored_mnist) and export again")
+    return split["image"]
 
 
 def _flatten(prefix: str, tree, out=None) -> dict:
@@ -283,6 +307,13 @@ def _fmt(values) -> str:
 ROW_ORDER = ("original", "irm2", "erm2", "irm5", "erm5", "original+gan", "original+cgn", "cgn_official", "cgn_only")
 
 
+def _row_title(row: str) -> str:
+    method, _, tag = row.partition("@")
+    if tag.startswith(PALETTE_TAG):
+        return f"{METHOD_TITLES.get(method, method)} (palette: {tag[len(PALETTE_TAG):]})"
+    return METHOD_TITLES.get(method, method) + (f" (CGN: {tag})" if tag else "")
+
+
 def _ordered_rows(runs: dict) -> list[str]:
     """Row names ("method" or "method@generator tag") in table order."""
     return sorted({r.get("row", r["method"]) for r in runs.values() if r["method"] in ROW_ORDER},
@@ -301,10 +332,11 @@ def render_markdown(results: dict) -> str:
     lines = [head, sep]
     for row in rows:
         m, _, tag = row.partition("@")
-        cells = [METHOD_TITLES.get(m, m) + (f" (CGN: {tag})" if tag else "")]
+        cells = [_row_title(row)]
         for v in variants:
             r = runs.get(f"{v}/{row}")
-            paper = PAPER_TEST_ACC.get(m, (None,) * 3)[VARIANT_ORDER.index(v)]
+            # the paper's numbers are for its data, not for another palette
+            paper = None if tag.startswith(PALETTE_TAG) else PAPER_TEST_ACC.get(m, (None,) * 3)[VARIANT_ORDER.index(v)]
             cells += [_fmt(r["train_acc"]) if r else "", _fmt(r["test_acc"]) if r else "",
                       "–" if paper is None else f"{paper:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -318,6 +350,9 @@ def render_markdown(results: dict) -> str:
         "(train: running accuracy over the last epoch's training batches, as the official script prints it; "
         "test: the seeded randomised test split). Paper: Sauer & Geiger (ICLR 2021), Table 1, test accuracy.",
         "Rows without a CGN tag use the official pretrained MNIST CGNs; tagged rows use CGNs trained by `cgn-jax train`.",
+        *(["Rows tagged with a palette render colored MNIST's real train and test images with that palette "
+           "instead of the measured LNTL one (`cgn_jax.data.palettes`); the paper's numbers do not apply to them."]
+          if any(PALETTE_TAG in row for row in rows) else []),
         f"Ran on {', '.join(sorted({r.get('device', meta.get('device', '?')) for r in runs.values()}))} in "
         f"{total / 60:.1f} min of training (compilation included).",
     ]
@@ -386,7 +421,7 @@ def _jsonable(x):
 
 
 # a row's protocol: what must agree for seeds of different calls to share a row
-_PROTOCOL_KEYS = ("epochs", "limit", "generator", "setup")
+_PROTOCOL_KEYS = ("epochs", "limit", "generator", "setup", "palette")  # palette: None = the default
 
 
 def _setup_defaults() -> dict:
@@ -477,9 +512,17 @@ def run(args) -> int:
     dirs = dict(mnist_dir=args.mnist_dir or None, textures_dir=args.textures_dir or None,
                 tfds_dir=args.tfds_dir or None, weights_dir=args.weights_dir or None)
     limits = dict(limit=args.limit or None, test_limit=args.test_limit or None)
+    if args.palette != palettes.DEFAULT_COLORED_PALETTE:
+        if variants != [palettes.COLORED]:
+            raise CLIError(f"--palette {args.palette} recolours colored MNIST only; pass --variants colored")
+        with_cgn = [m for m in args.methods if METHODS[m][0] != "original"]
+        if with_cgn:
+            raise CLIError(f"--palette {args.palette} changes the real images only, and the official CGN draws "
+                           f"the measured colours, so {', '.join(with_cgn)} would mix two palettes; run it with "
+                           "original, irm2, irm5, erm2 or erm5")
     if args.export_data:
         try:
-            export_bundles(args.export_data, variants, args.methods, **dirs, **limits)
+            export_bundles(args.export_data, variants, args.methods, palette=args.palette, **dirs, **limits)
         except (FileNotFoundError, ValueError) as e:
             raise CLIError(str(e)) from e
         return 0
@@ -543,9 +586,10 @@ def run(args) -> int:
                            "its generator/ directory")
         generators[name] = path
 
+    palette = None if args.palette == palettes.DEFAULT_COLORED_PALETTE else args.palette
     for variant in variants:
         gen_dir = generators.get(variant)
-        suffix = f"@{args.tag or 'cgn-jax'}" if gen_dir else ""
+        suffix = f"@{args.tag or 'cgn-jax'}" if gen_dir else (f"@{PALETTE_TAG}{palette}" if palette else "")
         methods = [m for m in args.methods if not (gen_dir and METHODS[m][0] == "original")]
         if gen_dir and len(methods) < len(args.methods):
             print(f"table1: {variant}: --generator given, so only the rows that use a generator run "
@@ -557,7 +601,7 @@ def run(args) -> int:
                 setup = method_setup(variant, method, args)
             except (SetupError, ValueError) as e:
                 raise CLIError(f"{key}: {e}") from e
-            protocol = {"epochs": args.epochs, "limit": args.limit, "generator": gen_dir or "official",
+            protocol = {"epochs": args.epochs, "limit": args.limit, "generator": gen_dir or "official", "palette": palette,
                         "setup": {k: getattr(setup, k) for k in setup.__dataclass_fields__}}
             stored = results["runs"].get(key)
             done = set(stored["seeds"]) if stored and _protocol(stored) == _protocol(protocol) else set()
@@ -572,9 +616,13 @@ def run(args) -> int:
             if args.data:
                 bundle = load_bundle(Path(args.data) / f"{variant}.npz")
             else:
-                bundle = collect_variant(variant, [p[0] for p in plans], **dirs, **limits)
+                bundle = collect_variant(variant, [p[0] for p in plans], palette=args.palette, **dirs, **limits)
         except (FileNotFoundError, ValueError) as e:
             raise CLIError(str(e)) from e
+        held = str(bundle.get("palette", palettes.DEFAULT_COLORED_PALETTE))  # bundles before --palette: the default
+        if held != args.palette:
+            raise CLIError(f"{Path(args.data) / f'{variant}.npz'} holds the {held!r} palette, not {args.palette!r}; "
+                           f"pass --palette {held}, or export the data again with --palette {args.palette}")
         for method, key, setup, protocol, todo in plans:
             mode, correlations = METHODS[method]
             try:

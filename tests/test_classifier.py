@@ -367,6 +367,27 @@ def test_erm_control_rows_in_the_config_and_table1():
     assert lines[4].endswith("| 90.0 | 50.0 | – |")  # no paper number for the control
 
 
+def test_table1_palette_rows_and_errors(tmp_path, capsys):
+    """--palette: colored real-data rows only, the bundle must hold that palette, rows tagged without paper numbers."""
+    from cgn_jax import cli, table1
+
+    base = ["table1", "--palette", "separated", "--out", str(tmp_path / "t.md")]
+    assert cli.main([*base, "--variants", "wildlife", "--methods", "original"]) == 2
+    assert "recolours colored MNIST only" in capsys.readouterr().err
+    assert cli.main([*base, "--variants", "colored", "--methods", "original", "original+cgn"]) == 2
+    assert "original+cgn would mix two palettes" in capsys.readouterr().err
+    np.savez(tmp_path / "colored.npz", version=np.int64(table1.BUNDLE_VERSION))  # a bundle from before --palette
+    assert cli.main([*base, "--variants", "colored", "--methods", "original", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the 'measured' palette, not 'separated'" in err and "--palette separated" in err
+    runs = {"colored/original@palette-separated": {
+        "variant": "colored", "method": "original", "row": "original@palette-separated", "seeds": [0],
+        "epochs": 10, "train_acc": [0.99], "test_acc": [0.2], "timing": {"total_seconds": 1}}}
+    md = table1.render_markdown({"runs": runs})
+    assert "| Original (palette: separated) | 99.0 | 20.0 | – |" in md
+    assert "the paper's numbers do not apply to them" in md
+
+
 def test_official_recipe_row_in_the_config_and_table1():
     """cgn_official: counterfactuals only, from one fixed set of 100,000 (10 per shape), in the config and table1."""
     from cgn_jax import table1

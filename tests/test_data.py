@@ -155,6 +155,27 @@ def test_limit_is_a_prefix_of_the_full_draw(mnist, textures):
             np.testing.assert_array_equal(small[k], big[k][:50])
 
 
+def test_colored_test_split_with_another_palette(mnist):
+    """`palette=` recolours the same draw: same digits, colour labels and jitter, other colours."""
+    args = (*builders.mnist_split("colored", mnist, "test"), "test")
+    stored = builders.make_split("colored", *args, limit=300)
+    same = builders.make_split("colored", *args, limit=300, palette=palettes.LNTL_PALETTE)
+    other = builders.make_split("colored", *args, limit=300, palette=palettes.SEPARATED_PALETTE)
+    for k in stored:
+        np.testing.assert_array_equal(same[k], stored[k])
+        if k != "image":
+            np.testing.assert_array_equal(other[k], stored[k])
+    fg, _, jitter, _ = builders.test_draws("colored", 10000, 300)
+    np.testing.assert_array_equal(fg, stored["fg_label"])
+    full = stored["digit"][..., 0] == 255  # fully inked pixels show the (jittered) colour itself
+    for i in range(0, 300, 37):
+        want = np.clip(palettes.SEPARATED_PALETTE[fg[i]] + jitter[i], 0, 1) * 255
+        np.testing.assert_allclose(other["image"][i][full[i]], np.broadcast_to(want, (full[i].sum(), 3)), atol=0.51)
+    assert not np.array_equal(other["image"], stored["image"])
+    dist = np.linalg.norm(palettes.SEPARATED_PALETTE[:, None] - palettes.SEPARATED_PALETTE[None], axis=-1)
+    assert dist[~np.eye(10, dtype=bool)].min() >= 0.5
+
+
 def test_stored_wildlife_image_is_the_official_composite(mnist, textures):
     te = builders.make_split("wildlife", *builders.mnist_split("wildlife", mnist, "test"),
                              "test", limit=20, textures=textures)

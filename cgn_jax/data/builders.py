@@ -109,20 +109,23 @@ def padded_textures(textures: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def render_numpy(variant: str, digit: np.ndarray, fg: np.ndarray, bg: np.ndarray, *,
                  jitter: np.ndarray | None = None, offsets: np.ndarray | None = None,
-                 textures: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                 textures: dict[str, np.ndarray] | None = None,
+                 palette: np.ndarray | None = None) -> np.ndarray:
     """Render stored examples to (N, 32, 32, 3) uint8 (the stored `image`).
 
     jitter: colored (N, 3), double-colored (N, 2, 3) [object, background]; None = mean colours.
+    palette: colored only, (10, 3) in [0, 1]; None = the measured LNTL palette.
     offsets: wildlife (N, 2, 2) crop corners (y, x) in the padded texture, [object, background];
     None = centre crop; `textures` as returned by `padded_textures`. uint8 storage clips to
     [0, 1] (the on-device renderer does not, where the official code does not).
     """
     n = digit.shape[0]
     if variant == palettes.COLORED:
-        col = palettes.LNTL_PALETTE[fg]  # (N, 3)
+        pal = palettes.LNTL_PALETTE if palette is None else np.asarray(palette, np.float32)
+        col = pal[fg]  # (N, 3)
         if jitter is None:  # 10 colours x 256 grey levels: a lookup table is exact and fast
             levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
-            lut = _u8(levels[None] * palettes.LNTL_PALETTE[:, None, :])  # (10, 256, 3)
+            lut = _u8(levels[None] * pal[:, None, :])  # (10, 256, 3)
             flat = fg[:, None, None] * 256 + digit[..., 0].astype(np.int64)
             return np.take(lut.reshape(-1, 3), flat, axis=0)
         d = digit.astype(np.float32) / np.float32(255.0)
@@ -148,12 +151,36 @@ def render_numpy(variant: str, digit: np.ndarray, fg: np.ndarray, bg: np.ndarray
     raise ValueError(variant)
 
 
+def test_draws(variant: str, n_full: int, n: int | None = None):
+    """The test split's seeded draws: cue labels (fg, bg) and one draw of the per-access
+    augmentation (colour jitter or crop offsets, the other None), for its first `n` of `n_full`.
+
+    Fixed by TEST_SEED, so the split can be re-rendered (e.g. with another palette) image for image.
+    """
+    variant = palettes.canonical_variant(variant)
+    n = n_full if n is None else min(int(n), n_full)
+    rng = np.random.default_rng(np.random.SeedSequence([TEST_SEED, _VARIANT_IDS[variant], 1]))
+    fg = rng.integers(0, palettes.NUM_CLASSES, n_full)
+    bg = fg if variant == palettes.COLORED else rng.integers(0, palettes.NUM_CLASSES, n_full)
+    jitter = offsets = None
+    if variant == palettes.COLORED:
+        jitter = rng.normal(0.0, palettes.COLORED_JITTER_STD, (n_full, 3))[:n].astype(np.float32)
+    elif variant == palettes.DOUBLE_COLORED:
+        jitter = rng.normal(0.0, palettes.DOUBLE_COLORED_JITTER_STD, (n_full, 2, 3))[:n].astype(np.float32)
+    else:
+        hi = palettes.TEXTURE_SIZE + 2 * palettes.CROP_PADDING - palettes.IMAGE_SIZE
+        offsets = rng.integers(0, hi + 1, (n_full, 2, 2))[:n]
+    return fg[:n], bg[:n], jitter, offsets
+
+
 def make_split(variant: str, images: np.ndarray, labels: np.ndarray, split: str, *,
                correlation: float = 1.0, seed: int = 0, limit: int | None = None,
-               textures: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+               textures: dict[str, np.ndarray] | None = None,
+               palette: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """All stored fields of one split, vectorised: digit, label, fg_label, bg_label, image.
 
-    `images`/`labels` are the MNIST examples of this split (e.g. train[:50000]).
+    `images`/`labels` are the MNIST examples of this split (e.g. train[:50000]); `palette`
+    (colored only) replaces the measured LNTL colours, with the same draws otherwise.
     """
     variant = palettes.canonical_variant(variant)
     n_full = labels.shape[0]
@@ -163,23 +190,11 @@ def make_split(variant: str, images: np.ndarray, labels: np.ndarray, split: str,
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), vid, 0]))
         fg = _draw_labels(labels, rng, correlation)
         bg = fg if variant == palettes.COLORED else _draw_labels(labels, rng, correlation)
+        jitter = offsets = None
     elif split == "test":
-        rng = np.random.default_rng(np.random.SeedSequence([TEST_SEED, vid, 1]))
-        fg = rng.integers(0, palettes.NUM_CLASSES, n_full)
-        bg = fg if variant == palettes.COLORED else rng.integers(0, palettes.NUM_CLASSES, n_full)
+        fg, bg, jitter, offsets = test_draws(variant, n_full, n)
     else:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    jitter = offsets = None
-    if split == "test":  # one fixed draw of the per-access augmentation
-        if variant == palettes.COLORED:
-            jitter = rng.normal(0.0, palettes.COLORED_JITTER_STD, (n_full, 3))[:n]
-        elif variant == palettes.DOUBLE_COLORED:
-            jitter = rng.normal(0.0, palettes.DOUBLE_COLORED_JITTER_STD, (n_full, 2, 3))[:n]
-        else:
-            hi = palettes.TEXTURE_SIZE + 2 * palettes.CROP_PADDING - palettes.IMAGE_SIZE
-            offsets = rng.integers(0, hi + 1, (n_full, 2, 2))[:n]
-        if jitter is not None:
-            jitter = jitter.astype(np.float32)
     labels, fg, bg = labels[:n].astype(np.int64), fg[:n].astype(np.int64), bg[:n].astype(np.int64)
     digit = prepare_digits(images[:n], variant)
     if textures is not None:
@@ -190,7 +205,7 @@ def make_split(variant: str, images: np.ndarray, labels: np.ndarray, split: str,
         image[sl] = render_numpy(
             variant, digit[sl], fg[sl], bg[sl], textures=textures,
             jitter=None if jitter is None else jitter[sl],
-            offsets=None if offsets is None else offsets[sl])
+            offsets=None if offsets is None else offsets[sl], palette=palette)
     return {"digit": digit, "label": labels, "fg_label": fg, "bg_label": bg, "image": image}
 
 

@@ -67,6 +67,19 @@ LNTL_PALETTE = np.array(
     ],
     dtype=np.float32,
 )
+# The measured palette has near pairs (2/8 are 0.13 apart in RGB, 0/9 0.26, 1/3 0.30) that the
+# jitter below blurs together, so its colour cue names a pair rather than a class. This palette
+# keeps every pair at least 0.5 apart (seven cube corners other than black, orange, violet,
+# grey), for measuring how the strength of the shortcut depends on the palette
+# (`cgn-jax table1 --palette separated`); it is not LNTL's.
+SEPARATED_PALETTE = np.array(
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0],
+     [0.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.5, 0.0], [0.5, 0.0, 1.0], [0.5, 0.5, 0.5]],
+    dtype=np.float32,
+)
+COLORED_PALETTES = {"measured": LNTL_PALETTE, "separated": SEPARATED_PALETTE}
+DEFAULT_COLORED_PALETTE = "measured"
+
 # LNTL's training colours are N(mean, sigma^2 I) with variance 0.02 (the official CGN data
 # file is `mnist_10color_jitter_var_0.020.npy`).
 COLORED_JITTER_VAR = 0.02
