@@ -352,7 +352,7 @@ def render_markdown(results: dict) -> str:
         "Rows without a CGN tag use the official pretrained MNIST CGNs; tagged rows use CGNs trained by `cgn-jax train`.",
         *(["Rows tagged with a palette render colored MNIST's real train and test images with that palette "
            "instead of the measured LNTL one (`cgn_jax.data.palettes`); the paper's numbers do not apply to them."]
-          if any(PALETTE_TAG in row for row in rows) else []),
+          if any(row.partition("@")[2].startswith(PALETTE_TAG) for row in rows) else []),
         f"Ran on {', '.join(sorted({r.get('device', meta.get('device', '?')) for r in runs.values()}))} in "
         f"{total / 60:.1f} min of training (compilation included).",
     ]
@@ -512,6 +512,8 @@ def run(args) -> int:
     dirs = dict(mnist_dir=args.mnist_dir or None, textures_dir=args.textures_dir or None,
                 tfds_dir=args.tfds_dir or None, weights_dir=args.weights_dir or None)
     limits = dict(limit=args.limit or None, test_limit=args.test_limit or None)
+    if args.tag.startswith(PALETTE_TAG):
+        raise CLIError(f"--tag {args.tag}: tags starting with {PALETTE_TAG!r} name --palette rows; choose another tag")
     if args.palette != palettes.DEFAULT_COLORED_PALETTE:
         if variants != [palettes.COLORED]:
             raise CLIError(f"--palette {args.palette} recolours colored MNIST only; pass --variants colored")
