@@ -146,6 +146,8 @@ def collect_variant(variant: str, methods, *, mnist_dir=None, textures_dir=None,
     from cgn_jax.data import load_variant, make_assets
     from cgn_jax.paths import resolve_dir
 
+    if palette != palettes.DEFAULT_COLORED_PALETTE and variant != palettes.COLORED:
+        raise ValueError(f"palette {palette!r} recolours colored MNIST only, not {variant}")
     mnist_dir = resolve_dir(mnist_dir or "", "data", "mnist", what="MNIST")
     if variant == palettes.WILDLIFE:
         textures_dir = resolve_dir(textures_dir or "", "data", "textures", what="textures")
@@ -307,10 +309,16 @@ def _fmt(values) -> str:
 ROW_ORDER = ("original", "irm2", "erm2", "irm5", "erm5", "original+gan", "original+cgn", "cgn_official", "cgn_only")
 
 
+def _palette_of(row: str) -> str | None:
+    """The palette a "method@palette-NAME" row ran with; None for the default and for CGN tags."""
+    tag = row.partition("@")[2]
+    return tag[len(PALETTE_TAG):] if tag.startswith(PALETTE_TAG) else None
+
+
 def _row_title(row: str) -> str:
     method, _, tag = row.partition("@")
-    if tag.startswith(PALETTE_TAG):
-        return f"{METHOD_TITLES.get(method, method)} (palette: {tag[len(PALETTE_TAG):]})"
+    if _palette_of(row):
+        return f"{METHOD_TITLES.get(method, method)} (palette: {_palette_of(row)})"
     return METHOD_TITLES.get(method, method) + (f" (CGN: {tag})" if tag else "")
 
 
@@ -331,12 +339,12 @@ def render_markdown(results: dict) -> str:
     sep = "|---|" + "---:|---:|---:|" * len(variants)
     lines = [head, sep]
     for row in rows:
-        m, _, tag = row.partition("@")
+        m = row.partition("@")[0]
         cells = [_row_title(row)]
         for v in variants:
             r = runs.get(f"{v}/{row}")
             # the paper's numbers are for its data, not for another palette
-            paper = None if tag.startswith(PALETTE_TAG) else PAPER_TEST_ACC.get(m, (None,) * 3)[VARIANT_ORDER.index(v)]
+            paper = None if _palette_of(row) else PAPER_TEST_ACC.get(m, (None,) * 3)[VARIANT_ORDER.index(v)]
             cells += [_fmt(r["train_acc"]) if r else "", _fmt(r["test_acc"]) if r else "",
                       "–" if paper is None else f"{paper:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -352,7 +360,7 @@ def render_markdown(results: dict) -> str:
         "Rows without a CGN tag use the official pretrained MNIST CGNs; tagged rows use CGNs trained by `cgn-jax train`.",
         *(["Rows tagged with a palette render colored MNIST's real train and test images with that palette "
            "instead of the measured LNTL one (`cgn_jax.data.palettes`); the paper's numbers do not apply to them."]
-          if any(row.partition("@")[2].startswith(PALETTE_TAG) for row in rows) else []),
+          if any(map(_palette_of, rows)) else []),
         f"Ran on {', '.join(sorted({r.get('device', meta.get('device', '?')) for r in runs.values()}))} in "
         f"{total / 60:.1f} min of training (compilation included).",
     ]

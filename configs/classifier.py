@@ -54,6 +54,7 @@ def parse_arg(arg: str) -> tuple[str, str]:
 def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     variant, method = parse_arg(arg)
     mode, correlations = METHODS[method]
+    fixed = METHOD_SETUP.get(method, {})  # the setup fields this method fixes
 
     c = ml_collections.ConfigDict()
     c.family = "mnist_classifier"
@@ -78,10 +79,10 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     # or the path of a dataset written by `cgn-jax generate --dataset` (its --out dir or tfds/ in it);
     # or "fixed": one set of data.fixed_size counterfactuals (data.num_cfs per shape) generated
     # at the start of the run, as the official generate_data.py + train_classifier.py recipe.
-    c.data.cf_source = METHOD_SETUP.get(method, {}).get("cf_source", "on_the_fly")
+    c.data.cf_source = fixed.get("cf_source", "on_the_fly")
     # On the fly: counterfactuals per sampled shape within a batch. 1 = every generated image has
     # its own shape (fresh shapes are free here; the official stored dataset used 10 per shape).
-    c.data.num_cfs = METHOD_SETUP.get(method, {}).get("num_cfs", 1)
+    c.data.num_cfs = fixed.get("num_cfs", 1)
     c.data.fixed_size = OFFICIAL_CF_DATASET_SIZE  # "fixed": images in the set
     c.data.cf_limit = 0             # stored dataset: first N images (0 = all)
 
@@ -93,7 +94,7 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     c.irm = ml_collections.ConfigDict()
     c.irm.correlations = tuple(correlations)  # one environment per value; () = no IRM
     # see cgn_jax/irm.py for the choice; the ERM controls drop the penalty after the warm-up
-    c.irm.penalty_weight = float(METHOD_SETUP.get(method, {}).get("irm_penalty_weight", DEFAULT_PENALTY_WEIGHT))
+    c.irm.penalty_weight = float(fixed.get("irm_penalty_weight", DEFAULT_PENALTY_WEIGHT))
     c.irm.anneal_steps = DEFAULT_ANNEAL_STEPS
 
     c.model = ml_collections.ConfigDict()

@@ -378,6 +378,8 @@ def test_table1_palette_rows_and_errors(tmp_path, capsys):
     assert "original+cgn would mix two palettes" in capsys.readouterr().err
     assert cli.main(["table1", "--tag", "palette-x", "--out", str(tmp_path / "t.md")]) == 2
     assert "name --palette rows" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="recolours colored MNIST only, not wildlife"):
+        table1.collect_variant("wildlife", ["original"], palette="separated")
     np.savez(tmp_path / "colored.npz", version=np.int64(table1.BUNDLE_VERSION))  # a bundle from before --palette
     assert cli.main([*base, "--variants", "colored", "--methods", "original", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
