@@ -112,6 +112,9 @@ def add_arguments(parser) -> None:
                              "code; smaller for quick runs)")
     parser.add_argument("--irm-penalty", type=float, default=irm.DEFAULT_PENALTY_WEIGHT)
     parser.add_argument("--irm-anneal-steps", type=int, default=irm.DEFAULT_ANNEAL_STEPS)
+    parser.add_argument("--irm-rescale", default="yes", choices=("yes", "no"),
+                        help="divide the IRM loss by the penalty weight after the warm-up (Arjovsky et al.; "
+                             "see cgn_jax/irm.py)")
     parser.add_argument("--pool", default="official", choices=("official", "global"))
     parser.add_argument("--vmap-seeds", default="auto", choices=("auto", "yes", "no"),
                         help="train a row's seeds in one vmapped computation (auto: on accelerators, not on CPU)")
@@ -288,7 +291,8 @@ def method_setup(variant: str, method: str, args):
     if args.fixed_size and "fixed_size" in fields:
         fields["fixed_size"] = args.fixed_size
     return ClassifierSetup(variant, mode=mode, irm_correlations=correlations,
-                           irm_anneal_steps=args.irm_anneal_steps, real_fraction=args.real_fraction,
+                           irm_anneal_steps=args.irm_anneal_steps, irm_rescale=args.irm_rescale == "yes",
+                           real_fraction=args.real_fraction,
                            epochs=args.epochs, pool=args.pool, **fields)
 
 
@@ -326,6 +330,21 @@ def _ordered_rows(runs: dict) -> list[str]:
     """Row names ("method" or "method@generator tag") in table order."""
     return sorted({r.get("row", r["method"]) for r in runs.values() if r["method"] in ROW_ORDER},
                   key=lambda row: (ROW_ORDER.index(row.split("@")[0]), row))
+
+
+def _changed_setup(row: dict) -> dict:
+    """The row's setup fields that differ from what `cgn-jax table1` runs by default for its method."""
+    import argparse
+
+    setup = row.get("setup")
+    if not isinstance(setup, dict) or row.get("method") not in METHODS:
+        return {}
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = method_setup(row["variant"], row["method"], parser.parse_args([]))
+    default = _jsonable({k: getattr(default, k) for k in default.__dataclass_fields__})
+    stored = _jsonable({**_setup_defaults(), **setup})
+    return {k: v for k, v in stored.items() if k in default and v != default[k]}
 
 
 def render_markdown(results: dict) -> str:
@@ -367,6 +386,11 @@ def render_markdown(results: dict) -> str:
     for key, r in sorted(runs.items()):
         if sorted(r["seeds"]) != seeds:
             notes.append(f"{key}: seeds {sorted(r['seeds'])} only.")
+    for key, r in sorted(runs.items()):
+        changed = _changed_setup(r)
+        if changed:
+            notes.append(f"{key}: run with {', '.join(f'{k}={v}' for k, v in sorted(changed.items()))} "
+                         "(not the default).")
     for key, r in sorted(runs.items()):
         if r.get("inverted_classes"):
             notes.append(f"{key}: the CGN's mask is inverted (covers the background) for classes "
@@ -491,8 +515,18 @@ def _slug(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
+# setup fields added after checkpoints were first named: at their default they stay out of the
+# digest, so a run stopped before the field existed resumes from its checkpoint
+_LATER_SETUP_FIELDS = ("irm_rescale",)
+
+
 def _digest(protocol: dict) -> str:
     """Short stable name of a protocol: checkpoints of another protocol never meet this one's."""
+    setup = protocol.get("setup")
+    if isinstance(setup, dict):
+        defaults = _setup_defaults()
+        setup = {k: v for k, v in setup.items() if not (k in _LATER_SETUP_FIELDS and v == defaults[k])}
+        protocol = {**protocol, "setup": setup}
     return hashlib.sha1(json.dumps(_jsonable(protocol), sort_keys=True).encode()).hexdigest()[:12]
 
 

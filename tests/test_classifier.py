@@ -116,6 +116,9 @@ def test_irm_penalty_zero_when_scale_is_optimal():
     loss2, _ = objective(lp, ys, jnp.float32(1e4))
     assert float(loss1) == pytest.approx(float(risk + pen), rel=1e-5)
     assert float(loss2) == pytest.approx(float((risk + 1e4 * pen) / 1e4), rel=1e-5)
+    # rescale=False keeps the weighted sum (for optimisers that are not scale-invariant)
+    loss3, _ = jax.jit(irm.irm_objective, static_argnums=3)(lp, ys, jnp.float32(1e4), False)
+    assert float(loss3) == pytest.approx(float(risk + 1e4 * pen), rel=1e-5)
     # weight 0 (the ERM control): the plain risk, and gradients stay finite and equal to the risk's
     loss0, (risk0, _) = objective(lp, ys, jnp.float32(0.0))
     assert float(loss0) == pytest.approx(float(risk0), rel=1e-6)
@@ -360,11 +363,28 @@ def test_erm_control_rows_in_the_config_and_table1():
     assert setups["erm2"].irm_correlations == setups["irm2"].irm_correlations == irm.ENVIRONMENTS[2]
     assert (setups["erm2"].irm_penalty_weight, setups["irm2"].irm_penalty_weight) == (0.0, 50.0)
     assert table1.env_specs_for(["erm2"]) == table1.env_specs_for(["irm2"])  # the same data bundle rows
+    assert setups["irm2"].irm_rescale and erm.irm.rescale
+    plain = table1.method_setup("colored", "irm2", parser.parse_args(["--irm-rescale", "no"]))
+    from cgn_jax.classifier_cli import setup_from_config
+    assert not plain.irm_rescale and not setup_from_config(load_config("configs/classifier.py:colored,irm2",
+                                                                       ["--config.irm.rescale=False"])).irm_rescale
+    # a setup field added later leaves the checkpoint name of its default unchanged, and changes it otherwise
+    old = {"epochs": 10, "setup": {"lr": 1.0}}
+    assert table1._digest(old) == table1._digest({**old, "setup": {"lr": 1.0, "irm_rescale": True}})
+    assert table1._digest(old) != table1._digest({**old, "setup": {"lr": 1.0, "irm_rescale": False}})
     runs = {f"colored/{m}": {"variant": "colored", "method": m, "seeds": [0], "epochs": 10, "train_acc": [0.9],
                              "test_acc": [0.5], "timing": {"total_seconds": 1}} for m in ("erm2", "irm2", "original")}
     lines = table1.render_markdown({"runs": runs}).splitlines()
     assert [ln.split(" |")[0] for ln in lines[2:5]] == ["| Original", "| IRM (2 envs)", "| ERM control on the 2 IRM envs"]
     assert lines[4].endswith("| 90.0 | 50.0 | – |")  # no paper number for the control
+    # a row run with other options than its method's defaults says which under the table
+    stored = {k: getattr(setups["irm2"], k) for k in setups["irm2"].__dataclass_fields__}
+    stored["irm_penalty_weight"] = irm.DEFAULT_PENALTY_WEIGHT  # the table's default setup for irm2
+    for setup, note in ((stored, None), ({**stored, "irm_rescale": False}, "irm_rescale=False"),
+                        ({**stored, "irm_penalty_weight": 50.0}, "irm_penalty_weight=50.0")):
+        md = table1.render_markdown({"runs": {"colored/irm2": {**runs["colored/irm2"], "setup": setup}}})
+        assert ("not the default" in md) == bool(note)
+        assert not note or f"colored/irm2: run with {note} (not the default)." in md
 
 
 def test_table1_palette_rows_and_errors(tmp_path, capsys):

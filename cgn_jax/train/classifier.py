@@ -88,6 +88,7 @@ class ClassifierSetup:
     irm_correlations: tuple[float, ...] = ()  # empty: no IRM; else one environment per value
     irm_penalty_weight: float = irm.DEFAULT_PENALTY_WEIGHT
     irm_anneal_steps: int = irm.DEFAULT_ANNEAL_STEPS
+    irm_rescale: bool = True        # divide the IRM loss by the penalty weight (see cgn_jax/irm.py)
     real_fraction: float = 0.5      # share of real images in a mixed (original+X) batch
     cf_source: str = ON_THE_FLY     # or DATASET (arrays 'cf_image', 'cf_label' in the data), or FIXED
     num_cfs: int = 1                # on the fly: counterfactuals per sampled shape in a batch; FIXED: per shape
@@ -351,7 +352,7 @@ def _train_step(state: TrainState, batch: dict, *, model: CNN, tx, setup: Classi
             lp = einops.rearrange(log_probs, "(e b) c -> e b c", e=plan.n_envs)
             lab = einops.rearrange(labels, "(e b) -> e b", e=plan.n_envs)
             weight = irm.penalty_weight(state.step, setup.irm_penalty_weight, setup.irm_anneal_steps)
-            loss, (risk, penalty) = irm.irm_objective(lp, lab, weight)
+            loss, (risk, penalty) = irm.irm_objective(lp, lab, weight, setup.irm_rescale)
         else:
             loss = risk = irm.nll(log_probs, labels)
             penalty = jnp.float32(0.0)
