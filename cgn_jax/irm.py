@@ -24,7 +24,7 @@ the learning rate is still high. These values were not tuned here.
 The division by the weight (`irm.rescale`, on by default) is for Adam, which ignores the loss
 scale. Adadelta ignores it only while the gradients are well above sqrt(eps), so dividing may
 shrink its steps. Turning it off was tried on double-colored MNIST, where our IRM stays at
-chance. The penalty then takes over: train accuracy falls from 92 % to 57 %, and test accuracy
+chance. The penalty then takes over: train accuracy falls from 92 % to 56 %, and test accuracy
 stays at chance (docs/results.md). So the division stays. A 5-epoch warm-up does not help
 either: the penalty keeps the classifier where the warm-up left it.
 """
