@@ -321,8 +321,8 @@ def _palette_of(row: str) -> str | None:
 
 def _row_title(row: str) -> str:
     method, _, tag = row.partition("@")
-    if _palette_of(row):
-        return f"{METHOD_TITLES.get(method, method)} (palette: {_palette_of(row)})"
+    if palette := _palette_of(row):
+        return f"{METHOD_TITLES.get(method, method)} (palette: {palette})"
     return METHOD_TITLES.get(method, method) + (f" (CGN: {tag})" if tag else "")
 
 
@@ -465,11 +465,14 @@ def _setup_defaults() -> dict:
 
 
 def _protocol(row: dict) -> dict:
-    """A setup field added after a row was stored counts at its default, so old rows still match."""
-    protocol = {k: row.get(k) for k in _PROTOCOL_KEYS}
+    """The row's protocol with setup fields at their default left out: a field added after a row
+    was stored (absent there) and the same field at its default (present in a new row) agree, so
+    old rows still match and checkpoint names (`_digest`) do not change when a field is added."""
+    protocol = _jsonable({k: row.get(k) for k in _PROTOCOL_KEYS})
     if isinstance(protocol["setup"], dict):
-        protocol["setup"] = {**_setup_defaults(), **protocol["setup"]}
-    return _jsonable(protocol)
+        defaults = _jsonable(_setup_defaults())
+        protocol["setup"] = {k: v for k, v in protocol["setup"].items() if k not in defaults or v != defaults[k]}
+    return protocol
 
 
 def _parts(row: dict) -> list[dict]:
@@ -515,19 +518,9 @@ def _slug(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
-# setup fields added after checkpoints were first named: at their default they stay out of the
-# digest, so a run stopped before the field existed resumes from its checkpoint
-_LATER_SETUP_FIELDS = ("irm_rescale",)
-
-
 def _digest(protocol: dict) -> str:
     """Short stable name of a protocol: checkpoints of another protocol never meet this one's."""
-    setup = protocol.get("setup")
-    if isinstance(setup, dict):
-        defaults = _setup_defaults()
-        setup = {k: v for k, v in setup.items() if not (k in _LATER_SETUP_FIELDS and v == defaults[k])}
-        protocol = {**protocol, "setup": setup}
-    return hashlib.sha1(json.dumps(_jsonable(protocol), sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(_protocol(protocol), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _remove_checkpoints(directory: Path, root: Path) -> None:

@@ -371,6 +371,7 @@ def test_erm_control_rows_in_the_config_and_table1():
     # a setup field added later leaves the checkpoint name of its default unchanged, and changes it otherwise
     old = {"epochs": 10, "setup": {"lr": 1.0}}
     assert table1._digest(old) == table1._digest({**old, "setup": {"lr": 1.0, "irm_rescale": True}})
+    assert table1._digest(old) == table1._digest({**old, "setup": {"lr": 1.0, "irm_correlations": ()}})
     assert table1._digest(old) != table1._digest({**old, "setup": {"lr": 1.0, "irm_rescale": False}})
     runs = {f"colored/{m}": {"variant": "colored", "method": m, "seeds": [0], "epochs": 10, "train_acc": [0.9],
                              "test_acc": [0.5], "timing": {"total_seconds": 1}} for m in ("erm2", "irm2", "original")}
