@@ -46,7 +46,7 @@ def setup_from_config(config) -> ClassifierSetup:
     return ClassifierSetup(
         variant=config.variant, mode=config.data.mode, irm_correlations=tuple(config.irm.correlations),
         irm_penalty_weight=float(config.irm.penalty_weight), irm_anneal_steps=int(config.irm.anneal_steps),
-        irm_rescale=bool(config.irm.get("rescale", True)),
+        irm_rescale=bool(config.irm.get("rescale", True)), irm_joint_cues=bool(config.irm.get("joint_cues", False)),
         real_fraction=float(config.data.real_fraction),
         fixed_augmentation=bool(config.data.get("fixed_augmentation", False)),
         cf_source=source if source in (ON_THE_FLY, FIXED) else DATASET, num_cfs=int(config.data.num_cfs),

@@ -15,6 +15,16 @@ every environment. The penalty weight is annealed as in Arjovsky et al.'s code: 
 from), then the full weight, with the loss divided by the weight so its scale (and the
 optimiser's effective step size) stays comparable.
 
+Double-colored and Wildlife MNIST have two cues, and the builders draw their labels
+independently. In a 0.9 environment both are then wrong together in only 1 % of the images,
+so where the two cues agree they name the digit in 99.86 % of the images (0.81 / 0.8111), against
+100 % in the 1.0 environment. A predictor that reads the cue pair is nearly invariant, and
+IRM's penalty can hardly tell it from one that reads the shape. With `joint_cues` (config
+`irm.joint_cues`, `table1 --irm-cues joint`) both cues carry the foreground's label in every
+training environment: the pair is right in 90 % of the 0.9 environment and in 100 % of the
+1.0 one, as the single cue of colored MNIST, where our IRM does reach 87 %. The test split
+keeps its independent random cues.
+
 Defaults and why (config `irm.*`): penalty weight 1e4 after 1000 steps (about one epoch
 at batch 64). Arjovsky et al. used 91257 after 190 of 501 full-batch Adam steps of an
 MLP; we keep the recipe's shape (an ERM warm-up, then a penalty large enough to dominate

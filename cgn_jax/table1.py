@@ -112,6 +112,9 @@ def add_arguments(parser) -> None:
                              "code; smaller for quick runs)")
     parser.add_argument("--irm-penalty", type=float, default=irm.DEFAULT_PENALTY_WEIGHT)
     parser.add_argument("--irm-anneal-steps", type=int, default=irm.DEFAULT_ANNEAL_STEPS)
+    parser.add_argument("--irm-cues", default="independent", choices=("independent", "joint"),
+                        help="double-colored and Wildlife IRM environments: the two cue labels as the builders "
+                             "draw them (independently) or one label for both cues (see cgn_jax/irm.py)")
     parser.add_argument("--irm-rescale", default="yes", choices=("yes", "no"),
                         help="divide the IRM loss by the penalty weight after the warm-up (Arjovsky et al.; "
                              "see cgn_jax/irm.py)")
@@ -292,6 +295,7 @@ def method_setup(variant: str, method: str, args):
         fields["fixed_size"] = args.fixed_size
     return ClassifierSetup(variant, mode=mode, irm_correlations=correlations,
                            irm_anneal_steps=args.irm_anneal_steps, irm_rescale=args.irm_rescale == "yes",
+                           irm_joint_cues=bool(correlations) and args.irm_cues == "joint",
                            real_fraction=args.real_fraction,
                            epochs=args.epochs, pool=args.pool, **fields)
 

@@ -97,6 +97,7 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     c.irm.penalty_weight = float(fixed.get("irm_penalty_weight", DEFAULT_PENALTY_WEIGHT))
     c.irm.anneal_steps = DEFAULT_ANNEAL_STEPS
     c.irm.rescale = True            # divide the loss by the penalty weight (Arjovsky et al.); see cgn_jax/irm.py
+    c.irm.joint_cues = False        # double-colored / Wildlife: one label for both cues (see cgn_jax/irm.py)
 
     c.model = ml_collections.ConfigDict()
     c.model.pool = "official"       # "official" (AvgPool2d(7) on 8x8) or "global"

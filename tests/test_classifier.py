@@ -140,6 +140,30 @@ def test_environments_hit_their_correlation(colored_envs):
     assert not np.array_equal(env["fg_label"][0], env["fg_label"][1])
 
 
+def test_joint_cues_give_both_cues_one_label():
+    """irm_joint_cues: every environment's background label becomes its foreground label (so each cue
+    keeps its correlation and the pair is wrong together); off, the labels pass unchanged."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    labels = rng.integers(0, 10, n)
+    cue = {c: np.where(rng.random((2, n)) < c, labels, (labels + rng.integers(1, 10, (2, n))) % 10) for c in (0.9, 1.0)}
+    data = {"digit": np.zeros((n, 32, 32, 1), np.uint8), "label": labels,
+            "fg_label": np.stack([cue[0.9][0], cue[1.0][0]]), "bg_label": np.stack([cue[0.9][1], cue[1.0][1]]),
+            "test_image": np.zeros((8, 32, 32, 3), np.uint8), "test_label": np.zeros(8, np.int32)}
+    assert 0.005 < np.mean((data["fg_label"][0] != labels) & (data["bg_label"][0] != labels)) < 0.02  # independent
+    for joint in (False, True):
+        setup = C.ClassifierSetup("double_colored", mode="original", irm_correlations=(0.9, 1.0), irm_joint_cues=joint)
+        host, _ = C.prepare_data(data, setup, 1, {})
+        np.testing.assert_array_equal(host["bg_label"], data["fg_label" if joint else "bg_label"])
+        np.testing.assert_array_equal(host["fg_label"], data["fg_label"])
+    both_wrong = (host["fg_label"][0] != labels) & (host["bg_label"][0] != labels)
+    assert abs(np.mean(both_wrong) - 0.1) < 0.015 and abs(irm.measured_correlation(labels, host["bg_label"][0]) - 0.9) < 0.015
+    with pytest.raises(C.SetupError, match="colored MNIST has one cue"):
+        C.ClassifierSetup("colored", mode="original", irm_correlations=(0.9, 1.0), irm_joint_cues=True)
+    with pytest.raises(C.SetupError, match="set irm_correlations too"):
+        C.ClassifierSetup("wildlife", mode="original", irm_joint_cues=True)
+
+
 # ---------------------------------------------------------------- batches
 def _toy_data(n=256, m=64, seed=0):
     rng = np.random.default_rng(seed)
@@ -368,11 +392,16 @@ def test_erm_control_rows_in_the_config_and_table1():
     from cgn_jax.classifier_cli import setup_from_config
     assert not plain.irm_rescale and not setup_from_config(load_config("configs/classifier.py:colored,irm2",
                                                                        ["--config.irm.rescale=False"])).irm_rescale
+    joint = {m: table1.method_setup("wildlife", m, parser.parse_args(["--irm-cues", "joint"])) for m in ("irm2", "original")}
+    assert joint["irm2"].irm_joint_cues and not joint["original"].irm_joint_cues and not setups["irm2"].irm_joint_cues
+    assert setup_from_config(load_config("configs/classifier.py:wildlife,irm2",
+                                         ["--config.irm.joint_cues=True"])).irm_joint_cues
     # a setup field added later leaves the checkpoint name of its default unchanged, and changes it otherwise
     old = {"epochs": 10, "setup": {"lr": 1.0}}
     assert table1._digest(old) == table1._digest({**old, "setup": {"lr": 1.0, "irm_rescale": True}})
     assert table1._digest(old) == table1._digest({**old, "setup": {"lr": 1.0, "irm_correlations": ()}})
     assert table1._digest(old) != table1._digest({**old, "setup": {"lr": 1.0, "irm_rescale": False}})
+    assert table1._digest(old) == table1._digest({**old, "setup": {"lr": 1.0, "irm_joint_cues": False}})
     runs = {f"colored/{m}": {"variant": "colored", "method": m, "seeds": [0], "epochs": 10, "train_acc": [0.9],
                              "test_acc": [0.5], "timing": {"total_seconds": 1}} for m in ("erm2", "irm2", "original")}
     lines = table1.render_markdown({"runs": runs}).splitlines()
@@ -382,7 +411,8 @@ def test_erm_control_rows_in_the_config_and_table1():
     stored = {k: getattr(setups["irm2"], k) for k in setups["irm2"].__dataclass_fields__}
     stored["irm_penalty_weight"] = irm.DEFAULT_PENALTY_WEIGHT  # the table's default setup for irm2
     for setup, note in ((stored, None), ({**stored, "irm_rescale": False}, "irm_rescale=False"),
-                        ({**stored, "irm_penalty_weight": 50.0}, "irm_penalty_weight=50.0")):
+                        ({**stored, "irm_penalty_weight": 50.0}, "irm_penalty_weight=50.0"),
+                        ({**stored, "irm_joint_cues": True}, "irm_joint_cues=True")):
         md = table1.render_markdown({"runs": {"colored/irm2": {**runs["colored/irm2"], "setup": setup}}})
         assert ("not the default" in md) == bool(note)
         assert not note or f"colored/irm2: run with {note} (not the default)." in md

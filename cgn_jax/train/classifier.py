@@ -89,6 +89,7 @@ class ClassifierSetup:
     irm_penalty_weight: float = irm.DEFAULT_PENALTY_WEIGHT
     irm_anneal_steps: int = irm.DEFAULT_ANNEAL_STEPS
     irm_rescale: bool = True        # divide the IRM loss by the penalty weight (see cgn_jax/irm.py)
+    irm_joint_cues: bool = False    # IRM environments: the background cue repeats the foreground's label (irm.py)
     real_fraction: float = 0.5      # share of real images in a mixed (original+X) batch
     cf_source: str = ON_THE_FLY     # or DATASET (arrays 'cf_image', 'cf_label' in the data), or FIXED
     num_cfs: int = 1                # on the fly: counterfactuals per sampled shape in a batch; FIXED: per shape
@@ -123,6 +124,11 @@ class ClassifierSetup:
             raise SetupError(f"IRM trains on real environments only; use mode 'original', not {self.mode!r}")
         if any(not 0.0 <= c <= 1.0 for c in self.irm_correlations):
             raise SetupError(f"IRM correlations must lie in [0, 1], got {self.irm_correlations}")
+        if self.irm_joint_cues and not self.irm_correlations:
+            raise SetupError("irm_joint_cues couples the cues of IRM environments; set irm_correlations too")
+        if self.irm_joint_cues and self.variant == palettes.COLORED:
+            raise SetupError("colored MNIST has one cue (its background is black for every class), so there is "
+                             "nothing to couple; irm_joint_cues is for double_colored and wildlife")
         if self.mode == "original+gan" and self.cf_source != ON_THE_FLY:
             raise SetupError("original+gan samples the CGN on the fly (stored and fixed sets hold counterfactuals)")
         if not 0.0 < self.real_fraction < 1.0 and self.mode in ("original+gan", "original+cgn"):
@@ -252,6 +258,8 @@ def prepare_data(data: dict[str, np.ndarray], setup: ClassifierSetup, n_devices:
     fg, bg = (x[None] if x.ndim == 1 else x for x in (fg, bg))
     chex.assert_shape(label, (n,))
     chex.assert_shape([fg, bg], (setup.n_envs, n))
+    if setup.irm_joint_cues:
+        bg = fg.copy()
     test_image = np.asarray(data["test_image"], np.uint8)
     m = test_image.shape[0]
     chex.assert_shape(test_image, (m, s, s, 3))
