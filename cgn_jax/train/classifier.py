@@ -128,7 +128,8 @@ class ClassifierSetup:
             raise SetupError("irm_joint_cues couples the cues of IRM environments; set irm_correlations too")
         if self.irm_joint_cues and self.variant == palettes.COLORED:
             raise SetupError("colored MNIST has one cue (its background is black for every class), so there is "
-                             "nothing to couple; irm_joint_cues is for double_colored and wildlife")
+                             "nothing to couple; irm_joint_cues (table1 --irm-cues joint, config irm.joint_cues) "
+                             "is for double_colored and wildlife")
         if self.mode == "original+gan" and self.cf_source != ON_THE_FLY:
             raise SetupError("original+gan samples the CGN on the fly (stored and fixed sets hold counterfactuals)")
         if not 0.0 < self.real_fraction < 1.0 and self.mode in ("original+gan", "original+cgn"):
