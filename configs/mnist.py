@@ -55,6 +55,9 @@ def get_config(variant: str = "colored") -> ml_collections.ConfigDict:
     c.model.texture_mode = "tile_crop"  # official behaviour; "patch_shuffle" = the paper's description
     c.model.patch_size = 4
     c.model.upsample_conv = "auto"  # "phase": sub-pixel form (2.25x fewer FLOPs), "direct"; "auto" = phase on CPU up to batch 128
+    # > 0: a saturated texture/background output can always be pulled back towards 0 at this slope
+    # (cgn_jax.models.mnist_cgn.tanh_unsaturating). Not in the official code, so 0 here.
+    c.model.tanh_grad_floor = 0.0
     c.model.pretrained = ""        # an Orbax dir from `cgn-jax port mnist` or `cgn-jax train` (generation)
 
     c.disc = ml_collections.ConfigDict()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cgn_jax.checkpoint import CheckpointMismatchError, flatten_with_names, read_meta, restore_variables
-from cgn_jax.models.mnist_cgn import MnistCGN, init_variables
+from cgn_jax.models.mnist_cgn import MnistCGN, init_variables, tanh_unsaturating
 from cgn_jax.port import mnist as port_mnist
 from cgn_jax.port.common import PortError
 from cgn_jax.port.torch_pickle import TorchFileError, load_state_dict
@@ -33,6 +33,47 @@ def test_port_reproduces_golden(variant, mode, cgn_weights, reference):
     np.testing.assert_allclose(mask, _nhwc(golden[f"{mode}_shape_raw"]), atol=1e-4, rtol=0)
     np.testing.assert_allclose(fg, _nhwc(golden[f"{mode}_texture_raw"]), atol=1e-4, rtol=0)
     np.testing.assert_allclose(bg, _nhwc(golden[f"{mode}_background_raw"]), atol=1e-4, rtol=0)
+
+
+def test_unsaturating_tanh_pulls_saturated_units_back_only():
+    x = jnp.array([-8.0, -1.0, 0.0, 0.5, 8.0])
+    np.testing.assert_array_equal(tanh_unsaturating(x, 0.05), jnp.tanh(x))
+    for g in (1.0, -1.0):  # floor 0 is exactly tanh's gradient, in both directions
+        np.testing.assert_array_equal(jax.grad(lambda v: g * tanh_unsaturating(v, 0.0).sum())(x),
+                                      jax.grad(lambda v: g * jnp.tanh(v).sum())(x))
+    true = np.asarray(jax.grad(lambda v: jnp.tanh(v).sum())(x))
+    assert true[0] < 1e-6 and true[-1] < 1e-6  # saturated: tanh' ~ 4.5e-7
+    # loss = y: descent lowers y, which pulls x = 8 (y ~ +1) back but pushes x = -8 further out
+    down = np.asarray(jax.grad(lambda v: tanh_unsaturating(v, 0.05).sum())(x))
+    assert down[-1] == pytest.approx(0.05) and down[0] == true[0]
+    up = np.asarray(jax.grad(lambda v: -tanh_unsaturating(v, 0.05).sum())(x))
+    assert up[0] == pytest.approx(-0.05) and up[-1] == -true[-1]
+    np.testing.assert_array_equal(down[1:4], true[1:4])  # unsaturated units: tanh' is above the floor
+
+
+def test_gradient_floor_leaves_the_generator_outputs_unchanged(cgn_weights):
+    variables = port_mnist.load_torch_mnist_cgn(cgn_weights / "colored_MNIST.pth")
+    u = jax.random.normal(jax.random.PRNGKey(0), (20, 32))
+    y = jnp.arange(20) % 10
+    plain = MnistCGN().apply(variables, u, y, y, y, method=MnistCGN.mechanisms)
+    floored = MnistCGN(tanh_grad_floor=0.05).apply(variables, u, y, y, y, method=MnistCGN.mechanisms)
+    for a, b in zip(plain, floored):
+        np.testing.assert_array_equal(a, b)
+
+    def bg_mean(model, params):
+        return model.apply({**variables, "params": params}, u, y, y, y, method=MnistCGN.mechanisms)[2].mean()
+
+    g_plain = jax.grad(lambda p: bg_mean(MnistCGN(), p))(variables["params"])["f_text2"]["conv3"]["bias"]
+    g_floor = jax.grad(lambda p: bg_mean(MnistCGN(tanh_grad_floor=0.5), p))(variables["params"])["f_text2"]["conv3"]["bias"]
+    assert not np.allclose(g_plain, g_floor)  # the floor reaches the background head's parameters
+
+    from cgn_jax.models.mnist_cgn import from_config
+    from configs.mnist import get_config
+
+    config = get_config("colored")
+    assert from_config(config.model).tanh_grad_floor == 0.0  # the official recipe
+    config.model.tanh_grad_floor = 0.25
+    assert from_config(config.model).tanh_grad_floor == 0.25
 
 
 def test_wildlife_ports_and_runs(cgn_weights):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import chex
 import einops
 import flax.linen as nn
@@ -43,6 +45,33 @@ def weight_init(init_type: str, gain: float):
     if init_type == "kaiming":
         return nn.initializers.variance_scaling(2.0, "fan_in", "normal")
     raise ValueError(f"unknown init_type {init_type!r}; valid: {', '.join(INIT_TYPES)}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def tanh_unsaturating(x: jax.Array, floor: float) -> jax.Array:
+    """tanh whose gradient towards 0 never falls below `floor`; forward and floor=0 are plain tanh.
+
+    A GAN can drive a texture mechanism's output for one class deep into saturation
+    (a colored-MNIST class whose background went white at pre-activation +6 had tanh'
+    ~5e-4), after which no loss can bring it back. Here a saturated unit can always be
+    pulled back towards 0, at slope >= `floor`, but is not pushed further out by it.
+    """
+    return jnp.tanh(x)
+
+
+def _tanh_unsaturating_fwd(x, floor):
+    y = jnp.tanh(x)
+    return y, y
+
+
+def _tanh_unsaturating_bwd(floor, y, g):
+    slope = 1.0 - jnp.square(y)
+    # descent moves y by -g * slope: towards 0 exactly when g and y share a sign
+    slope = jnp.where(g * y > 0, jnp.maximum(slope, floor), slope)
+    return ((g * slope).astype(g.dtype),)
+
+
+tanh_unsaturating.defvjp(_tanh_unsaturating_fwd, _tanh_unsaturating_bwd)
 
 
 def bn_scale_init(gain: float):
@@ -98,14 +127,15 @@ class TextureMechanism(_Mechanism):
     """Linear -> 2x (up-conv-BN-LReLU) -> conv -> BN -> tanh: a texture map before the texture layer."""
 
     out_channels: int = 3
+    tanh_grad_floor: float = 0.0  # > 0: `tanh_unsaturating` (training only; outputs are unchanged)
 
     @nn.compact
     def __call__(self, inp, train: bool = False):
         h = self._stem(inp)
         h = self._up_block(h, self.ngf * 2, train, 1)
         h = self._up_block(h, self.ngf, train, 2)
-        h = self._conv(self.out_channels, "conv3", use_bias=True)(h)
-        return jnp.tanh(self._bn(train, "bn3")(h))
+        h = self._bn(train, "bn3")(self._conv(self.out_channels, "conv3", use_bias=True)(h))
+        return tanh_unsaturating(h, self.tanh_grad_floor) if self.tanh_grad_floor else jnp.tanh(h)
 
 
 class MnistCGN(nn.Module):
@@ -122,6 +152,7 @@ class MnistCGN(nn.Module):
     dtype: Any = jnp.float32
     axis_name: str | None = None  # set to the pmap axis so BatchNorm uses the global batch's statistics
     upsample_conv: str = "auto"   # "phase" | "direct" | "auto" (phase on small CPU batches); see models/upsample_conv.py
+    tanh_grad_floor: float = 0.0  # texture/background heads; see `tanh_unsaturating`
 
     def setup(self):
         kw = dict(ngf=self.ngf, init_size=self.img_size // 4, init_type=self.init_type,
@@ -130,8 +161,8 @@ class MnistCGN(nn.Module):
         # torch.nn.Embedding initialises N(0, 1), and the official init_net leaves it alone.
         self.label_emb = nn.Embed(self.n_classes, self.n_classes, embedding_init=nn.initializers.normal(1.0))
         self.f_shape = ShapeMechanism(**kw)
-        self.f_text1 = TextureMechanism(**kw)
-        self.f_text2 = TextureMechanism(**kw)
+        self.f_text1 = TextureMechanism(**kw, tanh_grad_floor=self.tanh_grad_floor)
+        self.f_text2 = TextureMechanism(**kw, tanh_grad_floor=self.tanh_grad_floor)
 
     def sample_noise(self, key: jax.Array, n: int) -> jax.Array:
         return jax.random.normal(key, (n, self.latent_dim), jnp.float32)
@@ -190,7 +221,8 @@ def from_config(model_config, dtype=jnp.float32, axis_name: str | None = None) -
                     img_size=model_config.img_size, init_type=model_config.init_type,
                     init_gain=model_config.init_gain, texture_mode=model_config.texture_mode,
                     patch_size=model_config.patch_size, dtype=dtype, axis_name=axis_name,
-                    upsample_conv=model_config.get("upsample_conv", "auto"))
+                    upsample_conv=model_config.get("upsample_conv", "auto"),
+                    tanh_grad_floor=float(model_config.get("tanh_grad_floor", 0.0)))
 
 
 def init_variables(model: MnistCGN, key: jax.Array, batch: int = 2):
