@@ -25,6 +25,8 @@ import numpy as np
 
 # mean mask on the frame above this (over a class's samples): the mask covers the background
 INVERTED_ABOVE = 0.5
+# |tanh output| above this: slope 1 - y^2 < 2e-3 (pre-activation beyond ~3.8)
+SATURATED_ABOVE = 0.999
 # width of the frame as a share of the side: 6 pixels of 32, outside MNIST's 20x20 digit box
 FRAME = 6 / 32
 
@@ -48,6 +50,24 @@ def per_class_frame_mean(mask, labels, n_classes: int) -> np.ndarray:
     if mask.shape[1] != mask.shape[2]:
         raise ValueError(f"masks must be square, got {mask.shape[1]}x{mask.shape[2]}")
     per_sample = mask[:, frame(mask.shape[1]), :].reshape(mask.shape[0], -1).mean(1)
+    sums = np.bincount(labels, weights=per_sample, minlength=n_classes)[:n_classes]
+    counts = np.bincount(labels, minlength=n_classes)[:n_classes]
+    with np.errstate(invalid="ignore"):
+        return sums / counts
+
+
+def per_class_saturated(x, labels, n_classes: int, threshold: float = SATURATED_ABOVE) -> np.ndarray:
+    """Share of each class's values with |x| > threshold, (n_classes,); NaN for a class without samples.
+
+    x: (N, ...) tanh outputs (a texture or background mechanism). A class stuck at |x| ~ 1
+    gets almost no gradient through its tanh, whatever the losses ask: the full colored run
+    kept class 0's background white for 14,000 steps that way (docs/results.md). Saturation
+    is not always wrong (double-colored has pure yellow, lime, aqua and fuchsia), so this
+    is logged and plotted, not flagged.
+    """
+    x, labels = np.asarray(x, np.float64), np.asarray(labels)
+    chex.assert_shape(labels, (x.shape[0],))
+    per_sample = (np.abs(x.reshape(x.shape[0], -1)) > threshold).mean(1)
     sums = np.bincount(labels, weights=per_sample, minlength=n_classes)[:n_classes]
     counts = np.bincount(labels, minlength=n_classes)[:n_classes]
     with np.errstate(invalid="ignore"):

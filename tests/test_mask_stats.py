@@ -26,6 +26,17 @@ def test_frame_mean_tells_a_digit_mask_from_an_inverted_one():
         mask_stats.per_class_frame_mean(np.zeros((1, 32, 30, 1)), np.array([0]), 10)
 
 
+def test_saturation_share_per_class():
+    black = np.full((4, 4, 3), -np.tanh(2.7))  # a trained colored background: -0.991, not saturated
+    white = np.full((4, 4, 3), np.tanh(6.0))   # class 0's stuck background in the full colored run
+    half = black.copy()
+    half[:2] = -1.0
+    x = np.stack([white, black, half, white])
+    share = mask_stats.per_class_saturated(x, np.array([0, 1, 2, 0]), n_classes=4)
+    np.testing.assert_array_equal(share[:3], [1.0, 0.0, 0.5])
+    assert np.isnan(share[3])
+
+
 @pytest.mark.parametrize("name", ["colored_MNIST.pth", "double_colored_MNIST.pth", "wildlife_MNIST.pth"])
 def test_official_generators_have_every_mask_the_right_way_round(cgn_weights, name):
     model, variables = load_generator(str(cgn_weights / name))

@@ -337,8 +337,10 @@ def test_training_run_writes_logs_samples_checkpoints_and_a_generator(full_run):
     for r in by_class:
         frame = [r[f"mask_frame_c{k}"] for k in range(10)]
         assert all(0 <= m <= 1 for m in frame) and r["mask_inverted_classes"] == sum(m > 0.5 for m in frame)
+        assert all(0 <= r[f"{p}_saturated_c{k}"] <= 1 for p in ("fg", "bg") for k in range(10))
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
-    assert {p.name for p in (workdir / "plots").iterdir()} == {"losses.png", "mask.png", "mask_by_class.png"}
+    assert {p.name for p in (workdir / "plots").iterdir()} == {"losses.png", "mask.png", "mask_by_class.png",
+                                                               "saturation_by_class.png"}
     assert {p.name for p in (workdir / "samples").iterdir()} == {"step_0000003.png", "step_0000006.png"}
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
 

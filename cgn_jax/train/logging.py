@@ -26,6 +26,11 @@ PLOTS = (
     # MNIST sample sheets: per class, the mask on the canvas frame (cgn_jax.mask_stats; above 0.5: inverted)
     ("mask_by_class.png", (("mask on the canvas frame, by class (> 0.5: inverted)",
                             tuple(f"mask_frame_c{k}" for k in range(10))),)),
+    # ... and the share of its foreground / background outputs stuck at |tanh| ~ 1 (no gradient gets through)
+    ("saturation_by_class.png", (("foreground: share with |output| > 0.999, by class",
+                                  tuple(f"fg_saturated_c{k}" for k in range(10))),
+                                 ("background: share with |output| > 0.999, by class",
+                                  tuple(f"bg_saturated_c{k}" for k in range(10))))),
 )
 
 
@@ -86,7 +91,8 @@ class MetricsLogger:
 
 
 def _tb_tag(name: str) -> str:
-    prefix = {"g": "generator", "d": "discriminator", "mask": "mask"}.get(name.split("_")[0], "train")
+    prefix = {"g": "generator", "d": "discriminator", "mask": "mask", "fg": "mechanisms", "bg": "mechanisms"}.get(
+        name.split("_")[0], "train")
     return f"{prefix}/{name}"
 
 

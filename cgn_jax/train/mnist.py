@@ -257,14 +257,17 @@ def save_samples(sampler, rstate, path: Path, config, step: int) -> dict:
 
 
 def log_samples(sampler, rstate, workdir: Path, config, step: int, logger, inverted, pbar=None) -> list[int]:
-    """Sample sheet, plus each class's mask mean on the canvas frame (`mask_frame_c{k}`, see
+    """Sample sheet, plus each class's mask mean on the canvas frame (`mask_frame_c{k}`) and share of
+    saturated foreground/background outputs (`fg_saturated_c{k}`, `bg_saturated_c{k}`; see
     `cgn_jax.mask_stats`) in the metrics; says so when the set of inverted classes changes."""
     out = save_samples(sampler, rstate, workdir / "samples" / f"step_{step:07d}.png", config, step)
     labels = np.repeat(np.arange(config.model.n_classes), SAMPLES_PER_CLASS)
     means = mask_stats.per_class_frame_mean(out["mask"], labels, config.model.n_classes)
     now = mask_stats.inverted_classes(means)
+    saturated = {f"{panel}_saturated_c{k}": float(v) for panel, key in (("fg", "foreground"), ("bg", "background"))
+                 for k, v in enumerate(mask_stats.per_class_saturated(out[key], labels, config.model.n_classes))}
     logger.write(step, {**{f"mask_frame_c{k}": float(m) for k, m in enumerate(means)},
-                        "mask_inverted_classes": float(len(now))})
+                        "mask_inverted_classes": float(len(now)), **saturated})
     if now != inverted and (now or inverted is not None):
         _say(True, f"step {step}: {mask_stats.describe(means)}", pbar)
     return now
