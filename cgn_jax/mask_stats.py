@@ -49,11 +49,7 @@ def per_class_frame_mean(mask, labels, n_classes: int) -> np.ndarray:
     chex.assert_shape(labels, (mask.shape[0],))
     if mask.shape[1] != mask.shape[2]:
         raise ValueError(f"masks must be square, got {mask.shape[1]}x{mask.shape[2]}")
-    per_sample = mask[:, frame(mask.shape[1]), :].reshape(mask.shape[0], -1).mean(1)
-    sums = np.bincount(labels, weights=per_sample, minlength=n_classes)[:n_classes]
-    counts = np.bincount(labels, minlength=n_classes)[:n_classes]
-    with np.errstate(invalid="ignore"):
-        return sums / counts
+    return _class_means(mask[:, frame(mask.shape[1]), :].reshape(mask.shape[0], -1).mean(1), labels, n_classes)
 
 
 def per_class_saturated(x, labels, n_classes: int, threshold: float = SATURATED_ABOVE) -> np.ndarray:
@@ -67,7 +63,10 @@ def per_class_saturated(x, labels, n_classes: int, threshold: float = SATURATED_
     """
     x, labels = np.asarray(x, np.float64), np.asarray(labels)
     chex.assert_shape(labels, (x.shape[0],))
-    per_sample = (np.abs(x.reshape(x.shape[0], -1)) > threshold).mean(1)
+    return _class_means((np.abs(x.reshape(x.shape[0], -1)) > threshold).mean(1), labels, n_classes)
+
+
+def _class_means(per_sample: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
     sums = np.bincount(labels, weights=per_sample, minlength=n_classes)[:n_classes]
     counts = np.bincount(labels, minlength=n_classes)[:n_classes]
     with np.errstate(invalid="ignore"):

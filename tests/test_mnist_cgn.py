@@ -74,6 +74,9 @@ def test_gradient_floor_leaves_the_generator_outputs_unchanged(cgn_weights):
     assert from_config(config.model).tanh_grad_floor == 0.0  # the official recipe
     config.model.tanh_grad_floor = 0.25
     assert from_config(config.model).tanh_grad_floor == 0.25
+    config.model.tanh_grad_floor = -0.1
+    with pytest.raises(ValueError, match=r"model.tanh_grad_floor=-0.1 is not in \[0, 1\)"):
+        from_config(config.model)
 
 
 def test_wildlife_ports_and_runs(cgn_weights):

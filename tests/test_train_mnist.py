@@ -105,6 +105,8 @@ def test_cli_errors_for_bad_settings(tmp_path, capsys):
     assert "gcsfuse" in capsys.readouterr().err
     assert main(["train", f"--workdir={tmp_path}", "--config.dataset.shards=3"]) == 2
     assert "dataset.shards=3 cannot work with train.batch_size=16" in capsys.readouterr().err
+    assert main(["train", f"--workdir={tmp_path}", "--config.model.tanh_grad_floor=1.5"]) == 2
+    assert "model.tanh_grad_floor=1.5 is not in [0, 1)" in capsys.readouterr().err
     for classifier in ("configs/classifier.py:colored,original", "configs/imagenet_classifier.py"):
         assert main(["train", f"--config={classifier}", f"--workdir={tmp_path}"]) == 2
         assert f"train-classifier --config={classifier}" in capsys.readouterr().err

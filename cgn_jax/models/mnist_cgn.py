@@ -10,9 +10,8 @@ gives counterfactuals. Randomness is explicit: noise comes from the caller or th
 
 from __future__ import annotations
 
-from typing import Any
-
 import functools
+from typing import Any
 
 import chex
 import einops
@@ -217,12 +216,16 @@ class MnistCGN(nn.Module):
 
 def from_config(model_config, dtype=jnp.float32, axis_name: str | None = None) -> MnistCGN:
     """Build the generator from a `config.model` section."""
+    floor = float(model_config.get("tanh_grad_floor", 0.0))
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"model.tanh_grad_floor={floor:g} is not in [0, 1): it is a minimum tanh slope "
+                         "(0 = plain tanh, the official recipe; 0.25 revived a saturated class)")
     return MnistCGN(n_classes=model_config.n_classes, latent_dim=model_config.latent_dim, ngf=model_config.ngf,
                     img_size=model_config.img_size, init_type=model_config.init_type,
                     init_gain=model_config.init_gain, texture_mode=model_config.texture_mode,
                     patch_size=model_config.patch_size, dtype=dtype, axis_name=axis_name,
                     upsample_conv=model_config.get("upsample_conv", "auto"),
-                    tanh_grad_floor=float(model_config.get("tanh_grad_floor", 0.0)))
+                    tanh_grad_floor=floor)
 
 
 def init_variables(model: MnistCGN, key: jax.Array, batch: int = 2):

@@ -140,11 +140,13 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
 def check_config(config) -> None:
     """ValueError for settings that cannot work, before anything is loaded or compiled."""
     from cgn_jax.data import canonical_variant
+    from cgn_jax.models import mnist_cgn
     from cgn_jax.models.discriminators import KINDS
 
     canonical_variant(config.variant)
     S.compute_dtype(config)
     transfer_guard(config)
+    mnist_cgn.from_config(config.model)  # refuses impossible model settings (e.g. tanh_grad_floor)
     if config.disc.kind not in KINDS:
         raise ValueError(f"disc.kind must be one of {', '.join(KINDS)}, got {config.disc.kind!r}")
     if int(config.train.batch_size) <= 0:
