@@ -191,6 +191,26 @@ def test_frame_prior_enters_the_generator_loss():
     assert m["g_loss"] == pytest.approx(m["g_adv"] + m["g_mask"] + m["g_perc"] + m["g_frame"], rel=1e-5)
 
 
+def test_tanh_grad_floor_changes_the_update_not_the_losses():
+    from cgn_jax import parallel as P
+    from cgn_jax.train import mnist as M
+    from cgn_jax.train import mnist_step as S
+
+    devices = jax.local_devices()[:1]
+    results = []
+    for floor in (0.0, 0.9):
+        config = tiny_config("colored")
+        config.model.tanh_grad_floor = floor
+        ctx, n = M.step_context(config, devices)
+        state = P.replicate(S.init_state(config), devices)
+        state, metrics = S.pmap_train_step(config, BATCH, n, devices)(state, P.replicate(S.zero_metrics(), devices), ctx)
+        results.append((P.to_host(metrics), P.to_host(state).generator.params))
+    (m0, g0), (m1, g1) = results
+    assert m0 == pytest.approx(m1, rel=1e-6)  # same forward pass: the first step's losses agree
+    assert not np.allclose(g0["f_text2"]["conv3"]["kernel"], g1["f_text2"]["conv3"]["kernel"])
+    np.testing.assert_array_equal(g0["f_shape"]["linear"]["kernel"], g1["f_shape"]["linear"]["kernel"])
+
+
 def test_a_step_refuses_a_data_layout_made_for_another_global_batch():
     from cgn_jax import parallel as P
     from cgn_jax.data.sharding import DataShards
