@@ -27,9 +27,9 @@ PLOTS = (
     ("mask_by_class.png", (("mask on the canvas frame, by class (> 0.5: inverted)",
                             tuple(f"mask_frame_c{k}" for k in range(10))),)),
     # ... and the share of its foreground / background outputs stuck at |tanh| ~ 1 (no gradient gets through)
-    ("saturation_by_class.png", (("foreground: share with |output| > 0.999, by class",
+    ("saturation_by_class.png", (("foreground: share |out| > 0.999",
                                   tuple(f"fg_saturated_c{k}" for k in range(10))),
-                                 ("background: share with |output| > 0.999, by class",
+                                 ("background: share |out| > 0.999",
                                   tuple(f"bg_saturated_c{k}" for k in range(10))))),
 )
 
