@@ -106,8 +106,9 @@ class ConvDiscriminator(nn.Module):
         for i, (features, k, s) in enumerate(blocks, start=1):
             out = nn.Conv(features, (k, k), strides=(s, s), padding="VALID", use_bias=False, dtype=self.dtype,
                           kernel_init=nn.initializers.normal(0.02), name=f"conv{i}")(out)
-            out = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                               axis_name=self.axis_name if train else None,
+            # two-pass variance (see mnist_cgn._Mechanism._bn)
+            out = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
+                               dtype=self.dtype, axis_name=self.axis_name if train else None,
                                scale_init=lambda key, shape, dtype=jnp.float32: 1.0 + 0.02 * jax.random.normal(
                                    key, shape, dtype), name=f"bn{i}")(out)
             out = nn.leaky_relu(out, 0.2)
