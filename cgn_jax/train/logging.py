@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -24,7 +25,7 @@ PLOTS = (
                     ("discriminator output", ("d_real", "d_fake")))),
     ("mask.png", (("mask mean", ("mask_mean",)), ("mask variance", ("mask_var",)))),
     # MNIST sample sheets: per class, the mask on the canvas frame (cgn_jax.mask_stats; above 0.5: inverted)
-    ("mask_by_class.png", (("mask on the canvas frame, by class (> 0.5: inverted)",
+    ("mask_by_class.png", (("mask on the canvas frame (> 0.5: inverted)",
                             tuple(f"mask_frame_c{k}" for k in range(10))),)),
     # ... and the share of its foreground / background outputs stuck at |tanh| ~ 1 (no gradient gets through)
     ("saturation_by_class.png", (("foreground: share |out| > 0.999",
@@ -32,6 +33,9 @@ PLOTS = (
                                  ("background: share |out| > 0.999",
                                   tuple(f"bg_saturated_c{k}" for k in range(10))))),
 )
+
+
+_CLASS_SUFFIX = re.compile(r"_c(\d+)$")
 
 
 class MetricsLogger:
@@ -107,16 +111,22 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def plot_metrics(records: list[dict], panels, path: str | Path, x: str = "step") -> Path:
-    """One row of line plots (metric vs `x`, a record key), one panel per (title, names)."""
+    """One row of line plots (metric vs `x`, a record key), one panel per (title, names).
+
+    Per-class panels (ten `*_c{k}` curves) are labelled "class k" with the legend beside the
+    panel, where it cannot hide the curves.
+    """
     fig, axes = panel_figure(len(panels))
     for ax, (title, names) in zip(axes, panels):
+        per_class = len(names) > 5 and all(_CLASS_SUFFIX.search(n) for n in names)
         for name in names:
             pts = [(r[x], r[name]) for r in records
                    if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=name, marker="." if len(pts) < 30 else None)
-        finish_panel(ax, title, x)
+                label = f"class {_CLASS_SUFFIX.search(name).group(1)}" if per_class else name
+                ax.plot(xs, ys, label=label, marker="." if len(pts) < 30 else None)
+        finish_panel(ax, title, x, legend_right=per_class)
     return save_figure(fig, path)
 
 
@@ -130,14 +140,17 @@ def panel_figure(n_panels: int, size: tuple[float, float] = (4.2, 3.2)):
     return fig, [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
 
 
-def finish_panel(ax, title: str, xlabel: str, legend_size: int = 8, legend_below: bool = False) -> None:
-    """Title, grid and legend; `legend_below` keeps a long legend off curves that fill the panel."""
+def finish_panel(ax, title: str, xlabel: str, legend_size: int = 8, legend_below: bool = False,
+                 legend_right: bool = False) -> None:
+    """Title, grid and legend; `legend_below` / `legend_right` keep a long legend off curves that fill the panel."""
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
     if ax.lines:
         if legend_below:
             ax.legend(fontsize=legend_size, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+        elif legend_right:
+            ax.legend(fontsize=legend_size - 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         else:
             ax.legend(fontsize=legend_size)
 
@@ -146,5 +159,5 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # legends placed outside the axes stay in the picture
     return path
