@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cgn_jax.models.torch_batch_norm import normal_scale_init, torch_batch_norm
+
 KINDS = ("linear", "conv")
 
 
@@ -106,11 +108,8 @@ class ConvDiscriminator(nn.Module):
         for i, (features, k, s) in enumerate(blocks, start=1):
             out = nn.Conv(features, (k, k), strides=(s, s), padding="VALID", use_bias=False, dtype=self.dtype,
                           kernel_init=nn.initializers.normal(0.02), name=f"conv{i}")(out)
-            # two-pass variance (see mnist_cgn._Mechanism._bn)
-            out = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
-                               dtype=self.dtype, axis_name=self.axis_name if train else None,
-                               scale_init=lambda key, shape, dtype=jnp.float32: 1.0 + 0.02 * jax.random.normal(
-                                   key, shape, dtype), name=f"bn{i}")(out)
+            out = torch_batch_norm(train, f"bn{i}", dtype=self.dtype, axis_name=self.axis_name,
+                                   scale_init=normal_scale_init(0.02))(out)
             out = nn.leaky_relu(out, 0.2)
         out = nn.avg_pool(out, (3, 3), strides=(3, 3), padding="VALID")
         out = nn.Conv(1, (1, 1), use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from cgn_jax.compose import compose, texture_layer
+from cgn_jax.models.torch_batch_norm import normal_scale_init, torch_batch_norm
 from cgn_jax.models.upsample_conv import UpsampleConv3x3
 
 MASK_CLAMP = (1e-4, 1.0 - 1e-4)
@@ -73,13 +74,6 @@ def _tanh_unsaturating_bwd(floor, y, g):
 tanh_unsaturating.defvjp(_tanh_unsaturating_fwd, _tanh_unsaturating_bwd)
 
 
-def bn_scale_init(gain: float):
-    """BatchNorm weights ~ N(1, gain), as the official `init_net`."""
-    def init(key, shape, dtype=jnp.float32):
-        return 1.0 + gain * jax.random.normal(key, shape, dtype)
-    return init
-
-
 class _Mechanism(nn.Module):
     """Shared pieces of the shape and texture mechanisms."""
 
@@ -96,11 +90,8 @@ class _Mechanism(nn.Module):
                        kernel_init=weight_init(self.init_type, self.init_gain), name=name)
 
     def _bn(self, train, name):
-        # two-pass variance, as PyTorch: the one-pass E[x^2] - E[x]^2 cancels where a channel's mean
-        # dwarfs its spread, and made 1- and 8-device Wildlife steps differ by 2 % (tests/test_train_mnist.py)
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
-                            dtype=self.dtype, axis_name=self.axis_name if train else None,
-                            scale_init=bn_scale_init(self.init_gain), name=name)
+        return torch_batch_norm(train, name, dtype=self.dtype, axis_name=self.axis_name,
+                                scale_init=normal_scale_init(self.init_gain))
 
     def _stem(self, inp):
         h = nn.Dense(self.ngf * 2 * self.init_size**2, dtype=self.dtype,

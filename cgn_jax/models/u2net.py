@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cgn_jax.models.torch_batch_norm import torch_batch_norm
+
 Dtype = Any
 
 
@@ -164,10 +166,7 @@ class REBNCONV(nn.Module):
         d = self.dilation
         x = nn.Conv(self.out_ch, (3, 3), padding=((d, d), (d, d)), kernel_dilation=(d, d),
                     dtype=self.dtype, param_dtype=jnp.float32, precision=self.precision, name="conv_s1")(x)
-        # two-pass variance as PyTorch computes it: on the small deep maps (2x2 at 64x64
-        # input) E[x^2] - E[x]^2 loses precision in training mode
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
-                         dtype=self.dtype, param_dtype=jnp.float32, name="bn_s1")(x)
+        x = torch_batch_norm(train, "bn_s1", dtype=self.dtype)(x)
         return nn.relu(x)
 
 

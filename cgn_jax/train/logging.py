@@ -113,12 +113,12 @@ def _read_jsonl(path: Path) -> list[dict]:
 def plot_metrics(records: list[dict], panels, path: str | Path, x: str = "step") -> Path:
     """One row of line plots (metric vs `x`, a record key), one panel per (title, names).
 
-    Per-class panels (ten `*_c{k}` curves) are labelled "class k" with the legend beside the
+    Per-class panels (`*_c{k}` curves) are labelled "class k" with the legend beside the
     panel, where it cannot hide the curves.
     """
     fig, axes = panel_figure(len(panels))
     for ax, (title, names) in zip(axes, panels):
-        per_class = len(names) > 5 and all(_CLASS_SUFFIX.search(n) for n in names)
+        per_class = all(_CLASS_SUFFIX.search(n) for n in names)
         for name in names:
             pts = [(r[x], r[name]) for r in records
                    if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]

@@ -336,17 +336,17 @@ def _save_config(config, path: Path) -> None:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
             old = None
-        before, now = _flat(old or {}), _flat(new)
-        # settings the code gained since the run started are not changes the user made: say so apart
-        added = [k for k in sorted(now) if old is not None and k not in before]
-        changed = [k for k in sorted(set(before) | set(now))
-                   if k not in added and before.get(k) != now.get(k) and k not in _RESUME_SAFE]
-        if old is not None and changed:
-            print(f"warning: config differs from the one in {path} in {', '.join(changed)}; "
-                  "a resumed run continues with the new values", flush=True)
-        if added:
-            print(f"note: {path} predates the setting(s) {', '.join(f'{k}={now[k]!r}' for k in added)}; "
-                  "the resumed run uses these values", flush=True)
+        if old is not None:
+            before, now = _flat(old), _flat(new)
+            # settings the code gained since the run started are not changes the user made: say so apart
+            added = [k for k in sorted(now) if k not in before]
+            changed = [k for k in sorted(before) if before[k] != now.get(k) and k not in _RESUME_SAFE]
+            if changed:
+                print(f"warning: config differs from the one in {path} in {', '.join(changed)}; "
+                      "a resumed run continues with the new values", flush=True)
+            if added:
+                print(f"note: {path} predates the setting(s) {', '.join(f'{k}={now[k]!r}' for k in added)}; "
+                      "the resumed run uses these values", flush=True)
     path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
