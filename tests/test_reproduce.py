@@ -27,7 +27,7 @@ def _pieces(capsys, *argv):
 
 def test_the_plan_orders_pieces_and_passes_options(capsys, tmp_path):
     names, commands = _pieces(capsys, "--out", str(tmp_path), "--variants", "colored", "wildlife_MNIST",
-                              "--frame-prior", "--train-steps", "7", "--config.train.batch_size=8")
+                              "--frame-prior", "colored", "--train-steps", "7", "--config.train.batch_size=8")
     assert names == ["data", "train:colored", "train:wildlife", "official:colored   (after data)",
                      "official:wildlife   (after data)", "ours:colored   (after data, train:colored)",
                      "ours:wildlife   (after data, train:wildlife)"]
@@ -38,6 +38,13 @@ def test_the_plan_orders_pieces_and_passes_options(capsys, tmp_path):
     assert f"--generator colored={tmp_path}/cgn/colored" in commands[5]
     assert "--methods original+gan original+cgn cgn_official --generator" in commands[5]  # rows with a generator
     assert "--methods original irm2 irm5 original+gan original+cgn cgn_official --out" in commands[3]
+
+    # --frame-prior alone: the variants where masks inverted here (colored, Wildlife), not double-colored
+    _, commands = _pieces(capsys, "--out", str(tmp_path), "--variants", "colored", "double_colored", "wildlife",
+                          "--frame-prior", "--skip", "official", "ours")
+    assert ["--config.loss.mask_frame=1.0" in c for c in commands[1:4]] == [True, False, True]
+    _, commands = _pieces(capsys, "--out", str(tmp_path), "--variants", "wildlife", "--skip", "official", "ours")
+    assert "mask_frame" not in commands[1]  # the official recipe unless asked
 
     # existing bundles: no export; skipped stages drop their pieces and dependencies
     (tmp_path / "data").mkdir()
@@ -53,6 +60,8 @@ def test_bad_input_is_named(capsys, tmp_path):
     assert "unknown Table 1 method(s) erm" in capsys.readouterr().err
     assert cli.main(["reproduce", "--dry-run", "--data", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--dry-run", "--frame-prior", "fashion"]) == 2
+    assert "--frame-prior: unknown MNIST variant 'fashion'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
