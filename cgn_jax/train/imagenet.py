@@ -42,7 +42,7 @@ from cgn_jax.train import imagenet_step as S
 from cgn_jax.train.checkpointing import TrainCheckpoints
 from cgn_jax.train.logging import MetricsLogger, plot_metrics
 from cgn_jax.train.mnist import _Every, _save_config, _say, transfer_guard
-from cgn_jax.train.signals import StopOnSignal
+from cgn_jax.train.signals import BoundedQueue, StopOnSignal
 
 PLOTS = (("losses.png", (("generator", ("g_loss",)), ("reconstruction", ("l1", "perc")),
                          ("mask", ("binary", "mask")), ("texture / background", ("text", "bg")))),
@@ -175,10 +175,12 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     pbar = tqdm(total=num_steps * accum, initial=micro, disable=not (progress and is_main), dynamic_ncols=True,
                 desc=config.variant, unit="micro")
     guard = transfer_guard(config)
+    queue = BoundedQueue()  # a stop signal waits for at most a few seconds of queued steps
     with StopOnSignal() as stop:
         while micro < num_steps * accum and not stop.signum:
             with jax.transfer_guard(guard):  # the step may not move data between host and device
                 rstate, metrics_sum = step_fn(rstate, metrics_sum, rfrozen)
+            queue.after_step(metrics_sum)
             micro += 1
             n_summed += 1
             timed += 1

@@ -29,7 +29,7 @@ from cgn_jax.checkpoint import save_variables
 from cgn_jax.train import mnist_step as S
 from cgn_jax.train.checkpointing import TrainCheckpoints
 from cgn_jax.train.logging import MetricsLogger
-from cgn_jax.train.signals import StopOnSignal
+from cgn_jax.train.signals import BoundedQueue, StopOnSignal
 
 SAMPLES_PER_CLASS = 6
 # config fields that may change between a run and its resumption without a warning
@@ -91,10 +91,12 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     step = start
     guard = transfer_guard(config)
     inverted = None  # classes whose mask covered the background at the last sample sheet
+    queue = BoundedQueue()  # a stop signal waits for at most a few seconds of queued steps
     with StopOnSignal() as stop:
         while step < num_steps and not stop.signum:
             with jax.transfer_guard(guard):  # the step may not move data between host and device
                 rstate, metrics_sum = train_step(rstate, metrics_sum, ctx)
+            queue.after_step(metrics_sum)
             step, summed, timed = step + 1, summed + 1, timed + 1
             pbar.update(1)
             if compile_s is None:  # one sync, to report the compilation time (and time steps without it)
