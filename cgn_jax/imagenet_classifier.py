@@ -38,7 +38,7 @@ import optax
 from cgn_jax import imagenet_data as D
 from cgn_jax import parallel
 from cgn_jax.models import resnet as R
-from cgn_jax.train.signals import StopOnSignal
+from cgn_jax.train.signals import BoundedQueue, StopOnSignal
 
 HEAD_INDEX = {h: i for i, h in enumerate(R.HEADS)}  # column of each head in labels / loss weights
 REAL_TARGETS = ("shape_head", "mean_logits")
@@ -347,9 +347,11 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     pbar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main), dynamic_ncols=True,
                 desc="classifier", unit="step")
     step = start
+    queue = BoundedQueue()  # a stop signal waits for at most a few seconds of queued steps
     with StopOnSignal() as stop:
         while step < num_steps and not stop.signum:
             rstate, metrics_sum = p_step(rstate, metrics_sum, next(batches))
+            queue.after_step(metrics_sum)
             step += 1
             window_steps += 1
             pbar.update(1)
