@@ -76,8 +76,8 @@ def load_generator_for(config) -> tuple[Generator, str]:
     from cgn_jax.generate import load_generator
 
     checkpoint = config.generator.checkpoint or str(default_generator_path(config.variant))
-    shim = SimpleNamespace(model=SimpleNamespace(texture_mode=config.generator.texture_mode,
-                                                 patch_size=config.generator.patch_size))
+    texture = SimpleNamespace(texture_mode=config.generator.texture_mode, patch_size=config.generator.patch_size)
+    shim = SimpleNamespace(variant=config.variant, model=texture)
     model, variables = load_generator(checkpoint, shim)
     mask_stats.check_generator(model, variables, checkpoint)
     return Generator(model, variables), checkpoint

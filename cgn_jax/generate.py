@@ -29,21 +29,24 @@ def load_generator(checkpoint: str, config=None):
 
     The texture layer comes from the config, except for a generator trained here: its
     meta.json records the layer it was trained with, and that one is used (with a warning
-    when the config asks for another).
+    when the config asks for another). A generator of another variant than the config's is
+    loaded with a warning: mixing them is legal but rarely meant.
     """
     import sys
 
     from cgn_jax.checkpoint import read_meta
-    from cgn_jax.port.mnist import load_mnist_cgn, load_torch_mnist_cgn
+    from cgn_jax.port.mnist import guess_variant, load_mnist_cgn, load_torch_mnist_cgn
 
     texture = dict(texture_mode=config.model.texture_mode, patch_size=config.model.patch_size) if config else {}
     path = Path(checkpoint)
     if path.suffix in (".pth", ".pt", ".bin"):
+        _warn_if_other_variant(path, guess_variant(path), getattr(config, "variant", None))
         variables = load_torch_mnist_cgn(path)
         return MnistCGN(**texture), variables
     if (path / "generator").is_dir():  # a training workdir
         path = path / "generator"
     meta = read_meta(path)
+    _warn_if_other_variant(path, meta.get("variant"), getattr(config, "variant", None))
     if "texture_mode" in meta:
         recorded = dict(texture_mode=meta["texture_mode"], patch_size=int(meta.get("patch_size", 4)))
         if texture and texture != recorded:
@@ -51,6 +54,15 @@ def load_generator(checkpoint: str, config=None):
                   f"config's {texture}", file=sys.stderr)
         texture = recorded
     return load_mnist_cgn(path, **texture)
+
+
+def _warn_if_other_variant(path: Path, recorded: str | None, wanted: str | None) -> None:
+    import sys
+
+    if recorded and wanted and recorded != wanted:
+        print(f"cgn-jax: {path} is a {recorded} generator but the config is for {wanted}; its images will not "
+              f"look like {wanted} MNIST. Pass --config=configs/mnist.py:{recorded} (or a {wanted} generator) "
+              "if that is not what you meant", file=sys.stderr)
 
 
 CF_LOOPS = ("auto", "vmap", "map")
@@ -138,7 +150,9 @@ def generate_dataset(model, variables, key, num_images: int, num_cfs: int, batch
 def add_arguments(parser):
     parser.add_argument("--checkpoint", required=False, default="",
                         help="generator: Orbax dir from `cgn-jax port mnist`/`cgn-jax train` (a workdir works), or an official .pth")
-    parser.add_argument("--config", default="configs/mnist.py:colored", help="config (texture layer, generate.* settings)")
+    parser.add_argument("--config", default="configs/mnist.py:colored",
+                        help="config (variant, texture layer, generate.* settings); layer sizes such as "
+                             "model.ngf come from the checkpoint, so overriding them here has no effect")
     parser.add_argument("--out", default="generated", help="output directory")
     parser.add_argument("--sheet", action="store_true", help="write a counterfactual sample sheet PNG")
     parser.add_argument("--dataset", action="store_true", help="write a counterfactual TFDS dataset")

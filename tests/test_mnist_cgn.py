@@ -128,6 +128,26 @@ def test_loading_takes_the_texture_layer_from_the_checkpoint(cgn_weights, tmp_pa
     assert (model.texture_mode, model.patch_size) == ("tile_crop", 4)
 
 
+def test_loading_another_variants_generator_warns(cgn_weights, tmp_path, capsys):
+    """A Wildlife generator under the colored config would silently write colored-named sheets."""
+    from types import SimpleNamespace
+
+    from cgn_jax.generate import load_generator
+
+    def config(variant):
+        return SimpleNamespace(variant=variant, model=SimpleNamespace(texture_mode="tile_crop", patch_size=4))
+
+    src = cgn_weights / "colored_MNIST.pth"
+    dst = port_mnist.convert(src, tmp_path / "c")
+    for checkpoint in (dst, src):
+        load_generator(str(checkpoint), config("colored"))
+        assert "generator but the config is for" not in capsys.readouterr().err
+        load_generator(str(checkpoint), config("wildlife"))
+        err = capsys.readouterr().err
+        assert "is a colored generator but the config is for wildlife" in err
+        assert "--config=configs/mnist.py:colored" in err
+
+
 def test_counterfactual_labels_drive_their_mechanism_only(cgn_weights):
     variables = port_mnist.load_torch_mnist_cgn(cgn_weights / "colored_MNIST.pth")
     model = MnistCGN()

@@ -77,7 +77,8 @@ def load_torch_mnist_cgn(path: str | Path) -> dict:
     return variables
 
 
-def _guess_variant(path: Path) -> str | None:
+def guess_variant(path: Path) -> str | None:
+    """The variant an official file name starts with (colored_MNIST.pth), or None."""
     name = path.name.lower()
     for v in sorted(VARIANTS, key=len, reverse=True):
         if name.startswith(v):
@@ -90,7 +91,7 @@ def convert(src, dst, variant=None) -> Path:
         raise PortError("pass --src, e.g. ../shared/weights/cgn_mnist/colored_MNIST.pth")
     src = Path(src)
     variables, sizes = torch_to_flax(read_state_dict(src), source=str(src))
-    variant = variant or _guess_variant(src)
+    variant = variant or guess_variant(src)
     if variant is not None and variant not in VARIANTS:
         raise PortError(f"unknown MNIST variant {variant!r}; valid: {', '.join(VARIANTS)}")
     meta = {"model": "mnist_cgn", "variant": variant, "source": str(src.resolve()), **sizes}
