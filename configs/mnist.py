@@ -88,6 +88,9 @@ def get_config(variant: str = "colored") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
     c.train.compute_dtype = "float32"  # or "bfloat16" (parameters stay float32)
+    # > 0: also keep an exponential moving average of the generator (e.g. 0.999), exported as
+    # generator_ema/ beside generator/. Passive: the training itself is unchanged. Not in the official code.
+    c.train.ema_decay = 0.0
     c.train.transfer_guard = "disallow"  # implicit host<->device copies in the step are errors ("log", "allow")
 
     c.generate = ml_collections.ConfigDict()

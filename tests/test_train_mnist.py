@@ -211,6 +211,46 @@ def test_tanh_grad_floor_changes_the_update_not_the_losses():
     np.testing.assert_array_equal(g0["f_shape"]["linear"]["kernel"], g1["f_shape"]["linear"]["kernel"])
 
 
+def test_generator_average_follows_the_updates_and_leaves_them_unchanged():
+    from cgn_jax import parallel as P
+    from cgn_jax.train import mnist as M
+    from cgn_jax.train import mnist_step as S
+
+    devices = jax.local_devices()[:1]
+    runs = {}
+    for decay in (0.0, 0.75):
+        config = tiny_config("colored", ema_decay=decay)
+        ctx, n = M.step_context(config, devices)
+        step = S.pmap_train_step(config, BATCH, n, devices)
+        state, metrics = P.replicate(S.init_state(config), devices), P.replicate(S.zero_metrics(), devices)
+        states = [P.to_host(state)]
+        for _ in range(2):
+            state, metrics = step(state, metrics, ctx)
+            states.append(P.to_host(state))
+        runs[decay] = states
+    for plain, averaged in zip(runs[0.0], runs[0.75]):
+        assert plain.ema == {}
+        jax.tree.map(np.testing.assert_array_equal, plain.generator, averaged.generator)  # passive
+        jax.tree.map(np.testing.assert_array_equal, plain.discriminator, averaged.discriminator)
+    states = runs[0.75]
+    jax.tree.map(np.testing.assert_array_equal, states[0].ema["params"], states[0].generator.params)
+    for before, after in zip(states, states[1:]):
+        current = {"params": after.generator.params, "batch_stats": after.generator.batch_stats}
+        expected = jax.tree.map(lambda e, x: 0.75 * e + 0.25 * x, before.ema, current)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), after.ema, expected)
+    moved = np.abs(states[2].ema["params"]["f_shape"]["linear"]["kernel"]
+                   - states[2].generator.params["f_shape"]["linear"]["kernel"]).max()
+    assert moved > 0  # the average lags the weights
+
+
+def test_ema_decay_outside_zero_one_is_a_config_error():
+    from cgn_jax.train import mnist as M
+
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"train.ema_decay must be in \[0, 1\)"):
+            M.check_config(tiny_config(ema_decay=bad))
+
+
 def test_a_step_refuses_a_data_layout_made_for_another_global_batch():
     from cgn_jax import parallel as P
     from cgn_jax.data.sharding import DataShards
@@ -395,6 +435,33 @@ def test_resume_continues_the_run_bit_exactly(full_run, tmp_path, capsys):
     # already finished: nothing to do, nothing changes
     again = train(tiny_config(), workdir, progress=False)
     assert again.step == 6 and again.compile_s is None
+
+
+def test_the_average_can_start_at_a_resumption_but_not_be_dropped(full_run, tmp_path, capsys):
+    from cgn_jax.checkpoint import read_meta
+    from cgn_jax.port.mnist import load_mnist_cgn
+    from cgn_jax.train import mnist_step as S
+    from cgn_jax.train.checkpointing import TrainCheckpoints
+    from cgn_jax.train.mnist import train
+
+    workdir = tmp_path / "ema"
+    train(tiny_config(num_steps=3), workdir, progress=False)  # a run from before the average existed
+    assert not (workdir / "generator_ema").exists()
+    resumed = train(tiny_config(ema_decay=0.9), workdir, progress=False)
+    assert resumed.step == 6
+    assert "checkpoint 3 has no generator average; it starts here" in capsys.readouterr().out
+    with TrainCheckpoints(workdir / "checkpoints") as ckpt:
+        state, meta = ckpt.restore(S.init_state(tiny_config(ema_decay=0.9)), 6)
+    assert meta["ema_decay"] == 0.9
+    jax.tree.map(np.testing.assert_array_equal, state.generator, _final_state(full_run[0])[1].generator)
+    assert read_meta(workdir / "generator_ema") == {**read_meta(workdir / "generator"), "ema_decay": 0.9}
+    _, variables = load_mnist_cgn(workdir / "generator_ema")
+    jax.tree.map(np.testing.assert_array_equal, variables, state.ema)
+    assert (workdir / "samples" / "step_0000006_ema.png").is_file()
+    assert not (workdir / "samples" / "step_0000003_ema.png").exists()
+
+    with pytest.raises(ValueError, match=r"holds an average of the generator.*--config.train.ema_decay=0.9"):
+        train(tiny_config(num_steps=9), workdir, progress=False)
 
 
 def test_resuming_with_a_changed_hyperparameter_warns(tmp_path, capsys):

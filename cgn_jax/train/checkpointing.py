@@ -57,6 +57,21 @@ class TrainCheckpoints:
         return self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(dict(meta or {}, step=step))), force=True)
 
+    def stored_entries(self, step: int) -> dict[str, int] | None:
+        """Top-level name -> number of tensors, of checkpoint `step`'s state (None if Orbax cannot say)."""
+        try:
+            stored = _shapes(self._manager.item_metadata(step)["state"])
+        except (KeyError, TypeError, AttributeError):
+            return None
+        if not isinstance(stored, dict):
+            return None
+        return {k: len(jax.tree.leaves(v)) for k, v in stored.items()}
+
+    def read_meta(self, step: int) -> dict:
+        """The JSON record saved with checkpoint `step`."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"] or {})
+
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """(state shaped like `template`, meta) of checkpoint `step` (default: the latest)."""
         step = self.latest_step() if step is None else int(step)
@@ -72,9 +87,15 @@ class TrainCheckpoints:
             raise CheckpointMismatchError(f"{e} (to train with this config, use a new --workdir)") from None
         except (KeyError, TypeError, AttributeError):
             pass  # metadata unavailable in this Orbax version: the restore below still checks shapes
+        # an empty entry of the template (a feature switched off) that a checkpoint from before the
+        # entry existed lacks: Orbax would call that a structure mismatch, so it is left out and put back
+        entries = self.stored_entries(step)
+        absent = [k for k, v in target.items() if not jax.tree.leaves(v) and entries is not None and k not in entries]
+        target = {k: v for k, v in target.items() if k not in absent}
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        state = flax.serialization.from_state_dict(template, jax.tree.map(np.asarray, restored["state"]))
+        tree = {**jax.tree.map(np.asarray, restored["state"]), **{k: {} for k in absent}}
+        state = flax.serialization.from_state_dict(template, tree)
         return state, dict(restored["meta"] or {})
 
     def wait(self) -> None:

@@ -70,7 +70,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     state = S.init_state(config)
     start = checkpoints.latest_step()
     if start is not None:
-        state, _ = checkpoints.restore(state, start)
+        state = restore_state(checkpoints, state, start, config, is_main)
         _say(is_main, f"resuming {workdir} from step {start}")
     start = int(state.step)
     train_step = S.pmap_train_step(config, global_batch, layout, chosen)
@@ -122,7 +122,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     if checkpoints.latest_step() != step:
         _checkpoint(checkpoints, rstate, step, config, workdir)
     elif not (workdir / "generator" / "meta.json").exists():
-        export_generator(workdir / "generator", parallel.to_host(rstate.generator), config, step)
+        _export(parallel.to_host(rstate), config, workdir, step)
     if is_main and step > start and not every.sample(step) and not stop.signum:  # a preempted run saves time
         log_samples(sampler, rstate, workdir, config, step, logger, inverted)
     checkpoints.close()
@@ -147,6 +147,7 @@ def check_config(config) -> None:
 
     canonical_variant(config.variant)
     S.compute_dtype(config)
+    S.ema_decay(config)
     transfer_guard(config)
     mnist_cgn.from_config(config.model)  # refuses impossible model settings (e.g. tanh_grad_floor)
     if config.disc.kind not in KINDS:
@@ -162,6 +163,29 @@ def check_config(config) -> None:
         raise ValueError(f"dataset.shards={shards} cannot work with train.batch_size={batch}: every global batch "
                          "takes the same number of examples from each shard; use a divisor of the batch size, or 0 "
                          "(one shard per process)")
+
+
+def restore_state(checkpoints: TrainCheckpoints, template: S.TrainState, step: int, config,
+                  is_main: bool = True) -> S.TrainState:
+    """Checkpoint `step` onto `template`; the generator average may be switched on at a resumption.
+
+    A run resumed with `train.ema_decay` > 0 from a checkpoint that has no average starts the
+    average at the restored weights. Resuming a run that has one with the average off would
+    drop it, so that is refused with the setting that keeps it.
+    """
+    stored = checkpoints.stored_entries(step)
+    has_ema = bool(template.ema)
+    if stored is None or (stored.get("ema", 0) > 0) == has_ema:
+        return checkpoints.restore(template, step)[0]
+    if not has_ema:
+        decay = checkpoints.read_meta(step).get("ema_decay", "D")
+        raise ValueError(f"checkpoint {step} in {checkpoints.directory} holds an average of the generator, but "
+                         f"train.ema_decay is 0 now; resume with --config.train.ema_decay={decay} to keep it, "
+                         "or use a new --workdir")
+    state, _ = checkpoints.restore(template.replace(ema={}), step)
+    _say(is_main, f"note: checkpoint {step} has no generator average; it starts here from the restored weights "
+                  f"(train.ema_decay={S.ema_decay(config)})")
+    return state.replace(ema=S.start_ema(state.generator))
 
 
 def step_context(config, devices) -> tuple[S.StepContext, DataShards]:
@@ -250,21 +274,27 @@ def make_sampler(config):
     return sampler
 
 
-def save_samples(sampler, rstate, path: Path, config, step: int) -> dict:
+def save_samples(sampler, variables, path: Path, title: str) -> dict:
     """Sheet with rows = classes and panels mask | foreground | background | composite; returns the outputs."""
-    g = parallel.unreplicate(rstate.generator)
-    out = jax.device_get(sampler({"params": g.params, "batch_stats": g.batch_stats}))
+    out = jax.device_get(sampler(variables))
     panels = [("mask", sheets.to_uint8(out["mask"], (0.0, 1.0))), ("foreground", sheets.to_uint8(out["foreground"])),
               ("background", sheets.to_uint8(out["background"])), ("composite", sheets.to_uint8(out["image"]))]
-    sheets.save_sheet(path, panels, n_cols=SAMPLES_PER_CLASS, title=f"{config.variant} MNIST CGN, step {step}")
+    sheets.save_sheet(path, panels, n_cols=SAMPLES_PER_CLASS, title=title)
     return out
 
 
 def log_samples(sampler, rstate, workdir: Path, config, step: int, logger, inverted, pbar=None) -> list[int]:
     """Sample sheet, plus each class's mask mean on the canvas frame (`mask_frame_c{k}`) and share of
     saturated foreground/background outputs (`fg_saturated_c{k}`, `bg_saturated_c{k}`; see
-    `cgn_jax.mask_stats`) in the metrics; says so when the set of inverted classes changes."""
-    out = save_samples(sampler, rstate, workdir / "samples" / f"step_{step:07d}.png", config, step)
+    `cgn_jax.mask_stats`) in the metrics; says so when the set of inverted classes changes.
+    With a generator average, its sheet (same noise) goes beside the raw one as `*_ema.png`."""
+    g = parallel.unreplicate(rstate.generator)
+    title = f"{config.variant} MNIST CGN, step {step}"
+    out = save_samples(sampler, {"params": g.params, "batch_stats": g.batch_stats},
+                       workdir / "samples" / f"step_{step:07d}.png", title)
+    if rstate.ema:
+        save_samples(sampler, parallel.unreplicate(rstate.ema), workdir / "samples" / f"step_{step:07d}_ema.png",
+                     f"{title}, average (decay {S.ema_decay(config)})")
     labels = np.repeat(np.arange(config.model.n_classes), SAMPLES_PER_CLASS)
     means = mask_stats.per_class_frame_mean(out["mask"], labels, config.model.n_classes)
     now = mask_stats.inverted_classes(means)
@@ -277,20 +307,29 @@ def log_samples(sampler, rstate, workdir: Path, config, step: int, logger, inver
     return now
 
 
-def export_generator(dst: Path, generator: S.NetState, config, step: int) -> Path:
+def export_generator(dst: Path, generator: S.NetState, config, step: int, ema_decay: float = 0.0) -> Path:
     """The generator's variables in the layout `cgn_jax.port.mnist.load_mnist_cgn` reads."""
     m = config.model
     meta = {"model": "mnist_cgn", "variant": config.variant, "n_classes": int(m.n_classes),
             "latent_dim": int(m.latent_dim), "ngf": int(m.ngf), "img_size": int(m.img_size),
             "texture_mode": m.texture_mode, "patch_size": int(m.patch_size), "step": int(step),
-            "source": "cgn-jax train"}
+            "source": "cgn-jax train", **({"ema_decay": ema_decay} if ema_decay else {})}
     return save_variables(dst, {"params": generator.params, "batch_stats": generator.batch_stats}, meta)
 
 
 def _checkpoint(checkpoints: TrainCheckpoints, rstate, step: int, config, workdir: Path) -> None:
     state = parallel.to_host(rstate)
-    checkpoints.save(step, state, {"variant": config.variant})
+    meta = {"variant": config.variant, **({"ema_decay": S.ema_decay(config)} if state.ema else {})}
+    checkpoints.save(step, state, meta)
+    _export(state, config, workdir, step)
+
+
+def _export(state: S.TrainState, config, workdir: Path, step: int) -> None:
+    """`generator/`, and `generator_ema/` (the average, which `cgn-jax generate` reads the same way) if kept."""
     export_generator(workdir / "generator", state.generator, config, step)
+    if state.ema:
+        average = S.NetState(params=state.ema["params"], batch_stats=state.ema["batch_stats"], opt_state=None)
+        export_generator(workdir / "generator_ema", average, config, step, ema_decay=S.ema_decay(config))
 
 
 def _mean_metrics(metrics_sum, n: int) -> dict[str, float]:

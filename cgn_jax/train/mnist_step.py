@@ -55,6 +55,9 @@ class TrainState:
     key: jax.Array   # uint32[2] base key of the run; step keys are fold_in(key, step)
     generator: NetState
     discriminator: NetState
+    # {"params", "batch_stats"}: exponential moving average of the generator (train.ema_decay > 0), else {}.
+    # A passive copy: it never feeds back into the updates, so the raw run is the same with or without it.
+    ema: Any = flax.struct.field(default_factory=dict)
 
 
 @flax.struct.dataclass
@@ -72,6 +75,19 @@ def compute_dtype(config) -> Any:
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"train.compute_dtype must be 'float32' or 'bfloat16', got {name!r}")
     return jnp.dtype(name)
+
+
+def ema_decay(config) -> float:
+    """`train.ema_decay` checked: 0 switches the generator average off."""
+    decay = float(config.train.get("ema_decay", 0.0))
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1) (0 = no average; 0.999 is typical), got {decay}")
+    return decay
+
+
+def start_ema(generator: NetState) -> dict:
+    """The average's first value: a copy of the generator's current variables."""
+    return jax.tree.map(jnp.array, {"params": generator.params, "batch_stats": generator.batch_stats})
 
 
 def build_models(config, axis_name: str | None = None):
@@ -105,8 +121,9 @@ def init_state(config, key: jax.Array | None = None) -> TrainState:
             return NetState(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
                             opt_state=tx.init(variables["params"]))
 
-        return TrainState(step=jnp.zeros((), jnp.int32), key=k_run,
-                          generator=net(g_vars, g_tx), discriminator=net(d_vars, d_tx))
+        g = net(g_vars, g_tx)
+        return TrainState(step=jnp.zeros((), jnp.int32), key=k_run, generator=g, discriminator=net(d_vars, d_tx),
+                          ema=start_ema(g) if ema_decay(config) else {})
 
     return jax.jit(init)(key)  # one compilation for all initialisers
 
@@ -165,6 +182,7 @@ class _StepFns:
         self.mask_weight = float(config.loss.mask)
         self.frame_weight = float(config.loss.get("mask_frame", 0.0))
         self.local_batch, self.data, self.axis_name = local_batch, data, axis_name
+        self.ema_decay = ema_decay(config)
         self.generator, self.discriminator = build_models(config, axis_name=axis_name)
         self.g_tx, self.d_tx = make_optimizers(config)
 
@@ -255,8 +273,13 @@ def make_train_step(config, local_batch: int, data: int | DataShards, axis_name:
         d_updates, d_opt = fns.d_tx.update(d_grads, ds.opt_state, ds.params)
         new_d = NetState(optax.apply_updates(ds.params, d_updates), d_stats, d_opt)
 
+        ema = state.ema
+        if fns.ema_decay:  # BatchNorm statistics are averaged with the weights they belong to
+            ema = optax.incremental_update({"params": new_g.params, "batch_stats": new_g.batch_stats}, ema,
+                                           1.0 - fns.ema_decay)
+
         metrics = _metrics({"g_loss": g_loss, **g_terms, "d_loss": d_loss, **d_terms}, gen["mask"], axis_name)
-        new_state = TrainState(step=state.step + 1, key=state.key, generator=new_g, discriminator=new_d)
+        new_state = TrainState(step=state.step + 1, key=state.key, generator=new_g, discriminator=new_d, ema=ema)
         return new_state, jax.tree.map(jnp.add, metrics_sum, metrics)
 
     return step
