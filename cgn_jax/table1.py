@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cgn_jax import irm
+from cgn_jax import irm, test_breakdown
 from cgn_jax.data import palettes
 from cgn_jax.train.classifier import OFFICIAL_CF_DATASET_SIZE
 
@@ -698,12 +698,16 @@ def run(args) -> int:
                               file=sys.stderr)
                         return 128 + res["signal"]
                     last = res["history"][-1]
+                    breakdowns = [test_breakdown.of_classifier(variant, v, data["test_image"], data["test_label"],
+                                                               setup.pool) for v in res["variables"]]
+                    for seed, b in zip(group, breakdowns):
+                        print(f"table1: {key}: seed {seed}: test {test_breakdown.describe(b)}", file=sys.stderr)
                     row = {
                         "variant": variant, "method": method, "row": method + suffix, **protocol,
                         "mode": mode, "irm_correlations": list(correlations), **masks,
                         "steps_per_epoch": res["steps_per_epoch"],
                         "parts": [{"seeds": list(group), "train_acc": last["train_acc"], "test_acc": last["test_acc"],
-                                   "history": res["history"], "timing": res["timing"],
+                                   "test_breakdown": breakdowns, "history": res["history"], "timing": res["timing"],
                                    "device": results["meta"]["device"]}],
                     }
                     results["runs"][key] = combine_rows(results["runs"].get(key), row, key)
