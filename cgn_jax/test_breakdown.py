@@ -33,9 +33,10 @@ def cues_alike(variant: str, n: int) -> np.ndarray | None:
 
 @functools.partial(jax.jit, static_argnames=("pool",))
 def _predict(variables, images, pool: str):
+    from cgn_jax.data.render import from_uint8
     from cgn_jax.models.classifier import CNN
 
-    return jnp.argmax(CNN(pool=pool).apply(variables, images.astype(jnp.float32) / 127.5 - 1.0, train=False), -1)
+    return jnp.argmax(CNN(pool=pool).apply(variables, from_uint8(images), train=False), -1)
 
 
 def predictions(variables: dict, images: np.ndarray, pool: str = "official", batch: int = 1000) -> np.ndarray:

@@ -598,11 +598,10 @@ def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir, monkeypatch, capsys):
     assert "| Original |" in md and "| IRM (2 envs) |" in md
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["runs"]["colored/irm2"]["seeds"] == [0, 1]
+    counts = np.bincount(np.load(bundles / "colored.npz")["test_label"], minlength=10)
     for part in raw["runs"]["colored/irm2"]["parts"]:  # per seed: accuracy by shape class, matching the total
         assert len(part["test_breakdown"]) == len(part["seeds"])
         for b, total in zip(part["test_breakdown"], part["test_acc"]):
-            labels = np.load(bundles / "colored.npz")["test_label"]
-            counts = np.bincount(labels, minlength=10)
             assert b["cues_alike"] is None and len(b["by_class"]) == 10
             assert sum(a * c for a, c in zip(b["by_class"], counts) if a is not None) / counts.sum() == \
                 pytest.approx(total, abs=1e-6)

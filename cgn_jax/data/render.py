@@ -95,6 +95,11 @@ def _render_one(key: jax.Array, digit: jnp.ndarray, fg: jnp.ndarray, bg: jnp.nda
     return d * obj + (1.0 - d) * back
 
 
+def from_uint8(image) -> jnp.ndarray:
+    """Stored uint8 images (test renderings, exported counterfactuals) on the models' [-1, 1] scale."""
+    return image.astype(jnp.float32) / 127.5 - 1.0
+
+
 @functools.partial(jax.jit, static_argnames=("variant", "train", "clip"))
 def render_batch(key: jax.Array, batch: dict[str, jnp.ndarray], assets: dict[str, jnp.ndarray],
                  variant: str, train: bool = True, clip: bool | None = None,
@@ -114,7 +119,7 @@ def render_batch(key: jax.Array, batch: dict[str, jnp.ndarray], assets: dict[str
         image = batch["image"]
         chex.assert_rank(image, 4)
         chex.assert_shape(image, (None, s, s, 3))
-        return image.astype(jnp.float32) / 127.5 - 1.0
+        return from_uint8(image)
     digit, fg, bg = batch["digit"], batch["fg_label"], batch["bg_label"]
     chex.assert_rank(digit, 4)
     b = digit.shape[0]

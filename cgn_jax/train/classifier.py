@@ -50,7 +50,7 @@ import optax
 
 from cgn_jax import irm
 from cgn_jax.data import palettes
-from cgn_jax.data.render import render_batch
+from cgn_jax.data.render import from_uint8, render_batch
 from cgn_jax.models import cpu_grads
 from cgn_jax.models.classifier import CNN, init_variables
 from cgn_jax.generate import sample_counterfactuals
@@ -344,7 +344,7 @@ def training_batch(key: jax.Array, step: jax.Array, perms: dict, data: dict, gen
             k = data["cf_image"].shape[0]
             offset = step * plan.n_gen * n_devices + device * plan.n_gen
             idx = perms["cf"][(offset + jnp.arange(plan.n_gen)) % k]
-            images.append(data["cf_image"][idx].astype(jnp.float32) / 127.5 - 1.0)
+            images.append(from_uint8(data["cf_image"][idx]))
             labels.append(data["cf_label"][idx])
     return {"image": jnp.concatenate(images), "label": jnp.concatenate(labels).astype(jnp.int32)}
 
@@ -422,7 +422,7 @@ def _member_eval(state, data, first, *, model, eval_bs: int, n_batches: int, n_d
         label = jax.lax.dynamic_slice_in_dim(data["test_label"], start, eval_bs)
         mask = jax.lax.dynamic_slice_in_dim(data["test_mask"], start, eval_bs)
         log_probs = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                                image.astype(jnp.float32) / 127.5 - 1.0, train=False)
+                                from_uint8(image), train=False)
         nll = -jnp.take_along_axis(log_probs, label[:, None], axis=1)[:, 0]
         correct = (jnp.argmax(log_probs, -1) == label).astype(jnp.float32)
         return {"correct": sums["correct"] + (correct * mask).sum(), "nll_sum": sums["nll_sum"] + (nll * mask).sum(),
