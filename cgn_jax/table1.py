@@ -110,6 +110,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fixed-size", type=int, default=0,
                         help="images in cgn_official's fixed counterfactual set (default 100,000 as the official "
                              "code; smaller for quick runs)")
+    parser.add_argument("--cf-colour-jitter", type=float, default=0.0, metavar="STD",
+                        help="rows that generate counterfactuals: add per-image colour offsets of this std "
+                             "([0, 1] scale) to their texture and background (0: the official procedure; "
+                             "see cgn_jax.generate.sample_counterfactuals); give such rows their own --tag")
     parser.add_argument("--irm-penalty", type=float, default=irm.DEFAULT_PENALTY_WEIGHT)
     parser.add_argument("--irm-anneal-steps", type=int, default=irm.DEFAULT_ANNEAL_STEPS)
     parser.add_argument("--irm-cues", default="independent", choices=("independent", "joint"),
@@ -285,7 +289,7 @@ def method_inputs(bundle: dict, method: str, generator_dir=None):
 
 def method_setup(variant: str, method: str, args):
     """The classifier setup of one Table 1 cell: the method's data mode and fixed fields, then the options."""
-    from cgn_jax.train.classifier import ClassifierSetup
+    from cgn_jax.train.classifier import COUNTERFACTUAL_MODES, ClassifierSetup
 
     mode, correlations = METHODS[method]
     fields = {"steps_per_epoch": 0, "irm_penalty_weight": args.irm_penalty, **METHOD_SETUP.get(method, {})}
@@ -293,6 +297,8 @@ def method_setup(variant: str, method: str, args):
         fields["steps_per_epoch"] = args.steps_per_epoch
     if args.fixed_size and "fixed_size" in fields:
         fields["fixed_size"] = args.fixed_size
+    if args.cf_colour_jitter and mode in COUNTERFACTUAL_MODES:
+        fields["cf_colour_jitter"] = args.cf_colour_jitter
     return ClassifierSetup(variant, mode=mode, irm_correlations=correlations,
                            irm_anneal_steps=args.irm_anneal_steps, irm_rescale=args.irm_rescale == "yes",
                            irm_joint_cues=bool(correlations) and args.irm_cues == "joint",
@@ -551,6 +557,8 @@ def run(args) -> int:
     dirs = dict(mnist_dir=args.mnist_dir or None, textures_dir=args.textures_dir or None,
                 tfds_dir=args.tfds_dir or None, weights_dir=args.weights_dir or None)
     limits = dict(limit=args.limit or None, test_limit=args.test_limit or None)
+    if args.cf_colour_jitter < 0:
+        raise CLIError(f"--cf-colour-jitter is a standard deviation; got {args.cf_colour_jitter}")
     if args.tag.startswith(PALETTE_TAG):
         raise CLIError(f"--tag {args.tag}: tags starting with {PALETTE_TAG!r} name --palette rows; choose another tag")
     if args.palette != palettes.DEFAULT_COLORED_PALETTE:

@@ -84,6 +84,9 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     # its own shape (fresh shapes are free here; the official stored dataset used 10 per shape).
     c.data.num_cfs = fixed.get("num_cfs", 1)
     c.data.fixed_size = OFFICIAL_CF_DATASET_SIZE  # "fixed": images in the set
+    # > 0: per-image colour offsets (std on the [0, 1] scale) on the generated counterfactuals'
+    # texture and background, on the fly or in the fixed set; 0 = the official procedure
+    c.data.cf_colour_jitter = 0.0
     c.data.cf_limit = 0             # stored dataset: first N images (0 = all)
 
     c.generator = ml_collections.ConfigDict()

@@ -209,6 +209,44 @@ def test_on_the_fly_counterfactual_batches(colored_generator):
     assert gan["image"].shape == (6, 32, 32, 3)
 
 
+def test_colour_jitter_offsets_each_counterfactuals_texture_and_background(colored_generator):
+    """colour_jitter: one colour offset per image on the texture, another on the background, of the
+    asked std and independent; everything else (labels, masks, keys) as without it, and 0 is the
+    official procedure bit for bit."""
+    from cgn_jax.generate import sample_counterfactuals
+    from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
+
+    model, variables = colored_generator
+    key, n_shapes, num_cfs, std = jax.random.PRNGKey(5), 100, 4, 0.05
+    plain = sample_counterfactuals(model, variables, key, n_shapes, num_cfs, as_uint8=False)
+    zero = sample_counterfactuals(model, variables, key, n_shapes, num_cfs, as_uint8=False, colour_jitter=0.0)
+    np.testing.assert_array_equal(zero["image"], plain["image"])
+    jittered = sample_counterfactuals(model, variables, key, n_shapes, num_cfs, as_uint8=False, colour_jitter=std)
+    for name in ("shape_label", "texture_label", "background_label"):
+        np.testing.assert_array_equal(jittered[name], plain[name])
+    # the masks, as sample_counterfactuals draws them (one per shape, repeated per counterfactual)
+    k_y, k_u, _ = jax.random.split(key, 3)
+    y = jax.random.randint(k_y, (n_shapes,), 0, model.n_classes)
+    mask = jnp.clip(model.apply(variables, model.sample_noise(k_u, n_shapes), y, method=MnistCGN.shape), *MASK_CLAMP)
+    mask = np.tile(np.asarray(mask, np.float64).reshape(n_shapes, -1), (num_cfs, 1))  # (k b) order
+    diff = np.asarray(jittered["image"] - plain["image"], np.float64).reshape(n_shapes * num_cfs, -1, 3)
+    # per image and channel, diff = m * d_texture + (1 - m) * d_background: solve, check the fit
+    offsets = np.empty((n_shapes * num_cfs, 2, 3))
+    for i in range(diff.shape[0]):
+        design = np.stack([mask[i], 1.0 - mask[i]], axis=1)
+        offsets[i], res, *_ = np.linalg.lstsq(design, diff[i], rcond=None)
+        assert np.abs(design @ offsets[i] - diff[i]).max() < 1e-4
+    informative = (mask > 0.5).mean(1) > 0.05  # images with enough mask to see the texture offset
+    d_tex, d_bg = offsets[informative, 0].ravel(), offsets[:, 1].ravel()
+    for d in (d_tex, d_bg):  # [0, 1] std -> the images' [-1, 1] scale
+        assert abs(d.mean()) < 0.02 and 0.8 * 2 * std < d.std() < 1.2 * 2 * std, (d.mean(), d.std())
+    assert abs(np.corrcoef(offsets[informative, 0].ravel(), offsets[informative, 1].ravel())[0, 1]) < 0.15
+    with pytest.raises(C.SetupError, match="cf_colour_jitter acts where"):
+        C.ClassifierSetup("colored", mode="original", cf_colour_jitter=0.01)
+    with pytest.raises(C.SetupError, match="standard deviation"):
+        C.ClassifierSetup("colored", mode="cgn_only", cf_colour_jitter=-0.01)
+
+
 def test_fixed_augmentation_draws_once_per_image():
     """fixed_augmentation: an image looks the same whenever it is drawn (a stored data file);
     by default every use gets a fresh colour jitter."""
@@ -259,6 +297,9 @@ def test_the_official_recipe_trains_on_one_fixed_set(colored_generator, tmp_path
     other = C.Generator(colored_generator.model, jax.tree.map(lambda x: x * 1.01, colored_generator.variables))
     with pytest.raises(pytest.fail.Exception, match="regenerated"):
         C.fixed_counterfactual_set(other, setup, cache, progress=False)
+    jittered = dataclasses.replace(setup, cf_colour_jitter=0.02)
+    with pytest.raises(pytest.fail.Exception, match="regenerated"):
+        C.fixed_counterfactual_set(colored_generator, jittered, cache, progress=False)
     monkeypatch.undo()
     # training: one pass over the set per epoch; a generator is required
     res = C.train_classifier(setup, _toy_data(), make_assets("colored"), colored_generator, progress=False,
@@ -463,6 +504,13 @@ def test_official_recipe_row_in_the_config_and_table1():
     quick = table1.method_setup("wildlife", "cgn_official", parser.parse_args(["--steps-per-epoch", "4",
                                                                                 "--fixed-size", "500"]))
     assert (quick.steps_per_epoch, quick.fixed_size, quick.cf_source) == (4, 500, "fixed")
+    jitter = parser.parse_args(["--cf-colour-jitter", "0.02"])  # rows with generated counterfactuals only
+    assert table1.method_setup("wildlife", "cgn_official", jitter) == dataclasses.replace(setup, cf_colour_jitter=0.02)
+    assert table1.method_setup("wildlife", "original+gan", jitter).cf_colour_jitter == 0.0
+    assert table1.method_setup("wildlife", "original", jitter).cf_colour_jitter == 0.0
+    assert setup_from_config(load_config("configs/classifier.py:wildlife,cgn_official",
+                                         ["--config.data.cf_colour_jitter=0.02"])).cf_colour_jitter == 0.02
+    assert table1._digest({"setup": {"lr": 1.0}}) == table1._digest({"setup": {"lr": 1.0, "cf_colour_jitter": 0.0}})
     assert table1.PAPER_TEST_ACC["cgn_official"] == table1.PAPER_TEST_ACC["original+cgn"]
 
 

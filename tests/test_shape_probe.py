@@ -51,19 +51,28 @@ def test_official_masks_read_as_their_digits_and_random_ones_do_not(cgn_weights,
     assert f"{100 * official['digit_accuracy'].mean():.1f}" in table[-1]
 
 
-def test_generate_mask_report_cli(cgn_weights, mnist, monkeypatch, tmp_path):
+@pytest.mark.parametrize("variant", ["colored", "double_colored"])
+def test_generate_mask_report_cli(variant, cgn_weights, mnist, monkeypatch, tmp_path):
     from cgn_jax.cli import main
 
     small = {k: v[:N_TRAIN] if k.startswith("train") else v[:1000] for k, v in mnist.items()}
     monkeypatch.setattr(idx, "load_mnist", lambda *a, **k: small)  # the CLI's probe trains on a subset here
     out = tmp_path / "report"
-    rc = main(["generate", "--config=configs/mnist.py:colored", "--checkpoint", str(cgn_weights / "colored_MNIST.pth"),
-               "--mask-report", "--out", str(out)])
+    extra = ["--colour-jitter", "0.02"] if variant == "double_colored" else []
+    rc = main(["generate", f"--config=configs/mnist.py:{variant}", "--checkpoint",
+               str(cgn_weights / f"{variant}_MNIST.pth"), "--mask-report", "--out", str(out), *extra])
     assert rc == 0
     report = json.loads((out / "mask_report.json").read_text())
     assert report["probe_test_accuracy"] > 0.9 and len(report["digit_accuracy"]) == 10
     assert np.mean(report["digit_accuracy"]) > 0.8
-    assert not (out / "counterfactuals_colored.png").exists()  # --mask-report alone writes no sheet
+    assert not (out / f"counterfactuals_{variant}.png").exists()  # --mask-report alone writes no sheet
+    # double-colored: the edge where digit and background colours coincide, next to the real test split's
+    contrast = report.get("cues_alike_contrast")
+    if variant == "colored":
+        assert contrast is None
+    else:
+        assert contrast["colour_jitter"] == 0.02 and 900 < contrast["real_test"]["n"] < 1100
+        assert contrast["counterfactuals"]["median"] > contrast["real_test"]["median"]
 
 
 def test_probe_needs_a_batch_of_images():

@@ -63,6 +63,7 @@ MODES = ("original", "original+gan", "original+cgn", "cgn_only")
 # on (`mnists/generate_data.py`: 10,000 shapes x 10 counterfactuals); one pass is an epoch there.
 OFFICIAL_CF_DATASET_SIZE = 100_000
 GENERATED_MODES = ("original+gan", "original+cgn", "cgn_only")
+COUNTERFACTUAL_MODES = ("original+cgn", "cgn_only")  # GENERATED_MODES whose CGN images are counterfactuals
 ON_THE_FLY = "on_the_fly"
 DATASET = "dataset"
 # FIXED: one set of `fixed_size` counterfactuals generated at the start of the run (the
@@ -94,6 +95,9 @@ class ClassifierSetup:
     cf_source: str = ON_THE_FLY     # or DATASET (arrays 'cf_image', 'cf_label' in the data), or FIXED
     num_cfs: int = 1                # on the fly: counterfactuals per sampled shape in a batch; FIXED: per shape
     fixed_size: int = OFFICIAL_CF_DATASET_SIZE  # FIXED: images in the generated set
+    # > 0: per-image colour offsets (this std, [0, 1] scale) on the texture and background of
+    # generated counterfactuals (`cgn_jax.generate.sample_counterfactuals`); 0: the official procedure.
+    cf_colour_jitter: float = 0.0
     # True: one augmentation draw (colour jitter, texture crop) per real training image, the same in
     # every epoch and for every seed, as in a stored data file like the official colored MNIST's;
     # False: a fresh draw each time an image is used (an augmentation against the cue).
@@ -136,6 +140,13 @@ class ClassifierSetup:
             raise SetupError(f"real_fraction must be in (0, 1) for {self.mode}, got {self.real_fraction}")
         if self.loop not in ("auto", "scan", "steps"):
             raise SetupError(f"unknown loop {self.loop!r}; valid: auto, scan, steps")
+        if self.cf_colour_jitter < 0:
+            raise SetupError(f"cf_colour_jitter is a standard deviation, got {self.cf_colour_jitter}")
+        if self.cf_colour_jitter and not (self.mode in COUNTERFACTUAL_MODES and self.cf_source != DATASET):
+            raise SetupError("cf_colour_jitter acts where this run generates counterfactuals (modes "
+                             f"{', '.join(COUNTERFACTUAL_MODES)} with cf_source {ON_THE_FLY} or {FIXED}); "
+                             f"mode {self.mode!r} with cf_source {self.cf_source!r} has none to jitter: "
+                             "set it to 0 or generate the counterfactuals in the run")
         for name in ("batch_size", "epochs", "num_cfs", "eval_batch_size", "fixed_size"):
             if getattr(self, name) < 1:
                 raise SetupError(f"{name} must be positive, got {getattr(self, name)}")
@@ -222,7 +233,7 @@ class Generator(NamedTuple):
 
 
 def sample_generated(model: MnistCGN, variables, key: jax.Array, n_shapes: int, num_cfs: int,
-                     counterfactual: bool = True) -> dict[str, jax.Array]:
+                     counterfactual: bool = True, colour_jitter: float = 0.0) -> dict[str, jax.Array]:
     """Images from the CGN in [-1, 1] (float32) with their labels; jit-friendly.
 
     counterfactual=True: the procedure (and key use) of `cgn_jax.generate.sample_counterfactuals`,
@@ -230,6 +241,7 @@ def sample_generated(model: MnistCGN, variables, key: jax.Array, n_shapes: int, 
     counterfactual fresh noise and random labels for texture and background; labelled with
     the shape label. counterfactual=False: the CGN as a plain conditional GAN (one noise
     vector and one label for all mechanisms), the paper's 'Original + GAN' data.
+    `colour_jitter`: counterfactuals only, see `sample_counterfactuals`.
     """
     if not counterfactual:
         k_y, k_u, k_t = jax.random.split(key, 3)
@@ -237,7 +249,8 @@ def sample_generated(model: MnistCGN, variables, key: jax.Array, n_shapes: int, 
         y = jax.random.randint(k_y, (n,), 0, model.n_classes)
         out = model.apply(variables, y, u=model.sample_noise(k_u, n), rngs={"texture": k_t})
         return {"image": out["image"], "label": y, "shape_label": y, "texture_label": y, "background_label": y}
-    return sample_counterfactuals(model, variables, key, n_shapes, num_cfs, as_uint8=False)
+    return sample_counterfactuals(model, variables, key, n_shapes, num_cfs, as_uint8=False,
+                                  colour_jitter=colour_jitter)
 
 
 # ---------------------------------------------------------------- data on the device
@@ -337,7 +350,8 @@ def training_batch(key: jax.Array, step: jax.Array, perms: dict, data: dict, gen
     if plan.n_gen:
         if setup.uses_generator:
             out = sample_generated(gen_model, gen_variables, k_gen, plan.n_gen // setup.num_cfs, setup.num_cfs,
-                                   counterfactual=setup.mode != "original+gan")
+                                   counterfactual=setup.mode != "original+gan",
+                                   colour_jitter=setup.cf_colour_jitter)
             images.append(out["image"].astype(jnp.float32))
             labels.append(out["label"].astype(jnp.int32))
         else:
@@ -707,6 +721,8 @@ def fixed_counterfactual_set(generator: Generator, setup: ClassifierSetup, cache
     from cgn_jax.generate import generate_dataset
 
     tag = f"{_generator_digest(generator.variables)}:{setup.fixed_size}:{setup.num_cfs}"
+    if setup.cf_colour_jitter:  # (caches of unjittered sets keep their tag)
+        tag += f":jitter{setup.cf_colour_jitter:g}"
     if cache is not None and cache.is_file():
         try:
             with np.load(cache) as f:
@@ -717,7 +733,8 @@ def fixed_counterfactual_set(generator: Generator, setup: ClassifierSetup, cache
     t0 = time.perf_counter()
     shapes_per_call = min(100, -(-setup.fixed_size // setup.num_cfs))  # small sets: whole shapes, one call
     out = generate_dataset(generator.model, generator.variables, jax.random.PRNGKey(0), setup.fixed_size,
-                           setup.num_cfs, batch_size=shapes_per_call * setup.num_cfs, progress=progress)
+                           setup.num_cfs, batch_size=shapes_per_call * setup.num_cfs, progress=progress,
+                           colour_jitter=setup.cf_colour_jitter)
     print(f"generated the fixed set of {setup.fixed_size} counterfactuals ({setup.num_cfs} per shape) in "
           f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
     result = {"cf_image": out["image"], "cf_label": out["label"].astype(np.int32)}
