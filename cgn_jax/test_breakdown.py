@@ -28,7 +28,7 @@ def cues_alike(variant: str, n: int) -> np.ndarray | None:
     if palettes.canonical_variant(variant) != palettes.DOUBLE_COLORED:
         return None
     fg, bg, _, _ = test_draws(variant, TEST_SPLIT_SIZE, n)
-    return np.all(palettes.DOUBLE_COLORED_OBJECT[fg] == palettes.DOUBLE_COLORED_BACKGROUND[bg], axis=-1)
+    return palettes.DOUBLE_COLORED_ALIKE[fg, bg]
 
 
 @functools.partial(jax.jit, static_argnames=("pool",))

@@ -109,6 +109,8 @@ DOUBLE_COLORED_BACKGROUND = (
     np.array([_CSS_RGB[c] for c in DOUBLE_COLORED_CSS], dtype=np.float32) / 255.0)
 DOUBLE_COLORED_OBJECT = np.array(
     [_CSS_RGB[DOUBLE_COLORED_CSS[i - 6]] for i in range(NUM_CLASSES)], dtype=np.float32) / 255.0
+# [t, b]: class t's digit colour is class b's background colour (one b per t, never b == t)
+DOUBLE_COLORED_ALIKE = np.all(DOUBLE_COLORED_OBJECT[:, None] == DOUBLE_COLORED_BACKGROUND[None, :], axis=-1)
 DOUBLE_COLORED_JITTER_STD = 0.01  # torch.normal(0, 0.01) added to each colour, per channel
 # Here the jitter is drawn afresh around the fixed colours for every image. The official loader
 # adds it in place (`colour += noise` on the tensor kept in its colour list), so each of its
