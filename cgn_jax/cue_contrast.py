@@ -20,14 +20,20 @@ ALIKE = palettes.DOUBLE_COLORED_ALIKE  # [texture class, background class]: one 
 
 
 def real_test_contrast(n: int = 10_000) -> np.ndarray:
-    """Edge contrast of the test split's images whose digit and background share a colour."""
-    from cgn_jax.data.builders import test_draws
+    """Edge contrast of the test split's images whose digit and background share a colour.
+
+    Rendered by the split's own renderer from its seeded draws, on a two-pixel "digit" (one
+    digit pixel, one background pixel): the same colours as the stored images, without the MNIST
+    digits, which the edge does not depend on.
+    """
+    from cgn_jax.data.builders import render_numpy, test_draws
 
     fg, bg, jitter, _ = test_draws(palettes.DOUBLE_COLORED, n)
     alike = ALIKE[fg, bg]
-    digit = np.round(np.clip(palettes.DOUBLE_COLORED_OBJECT[fg] + jitter[:, 0], 0, 1) * 255)
-    back = np.round(np.clip(palettes.DOUBLE_COLORED_BACKGROUND[bg] + jitter[:, 1], 0, 1) * 255)
-    return np.linalg.norm(digit[alike] - back[alike], axis=-1) / 255.0
+    two_pixels = np.broadcast_to(np.array([[[255], [0]]], np.uint8), (int(alike.sum()), 1, 2, 1))
+    pixels = render_numpy(palettes.DOUBLE_COLORED, two_pixels, fg[alike], bg[alike], jitter=jitter[alike])
+    digit, back = pixels[:, 0, 0].astype(np.float64), pixels[:, 0, 1].astype(np.float64)
+    return np.linalg.norm(digit - back, axis=-1) / 255.0
 
 
 def counterfactual_contrast(model, variables, key: jax.Array, n_shapes: int = 2_000, num_cfs: int = 5,

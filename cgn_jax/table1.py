@@ -113,7 +113,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cf-colour-jitter", type=float, default=0.0, metavar="STD",
                         help="rows that generate counterfactuals: add per-image colour offsets of this std "
                              "([0, 1] scale) to their texture and background (0: the official procedure; "
-                             "see cgn_jax.generate.sample_counterfactuals); give such rows their own --tag")
+                             "see cgn_jax.generate.sample_counterfactuals); give such rows their own --out, or --tag "
+                             "with --generator")
     parser.add_argument("--irm-penalty", type=float, default=irm.DEFAULT_PENALTY_WEIGHT)
     parser.add_argument("--irm-anneal-steps", type=int, default=irm.DEFAULT_ANNEAL_STEPS)
     parser.add_argument("--irm-cues", default="independent", choices=("independent", "joint"),
@@ -130,7 +131,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--generator", nargs="+", default=[], metavar="VARIANT=DIR",
                         help="use this CGN (a `cgn-jax train` workdir or its generator/ dir) instead of the "
                              "official weights for VARIANT; its rows are stored under --tag")
-    parser.add_argument("--tag", default="", help="row suffix for runs with --generator (default 'cgn-jax')")
+    parser.add_argument("--tag", default="", help="row suffix for runs with --generator (default 'cgn-jax'); only with --generator")
     parser.add_argument("--palette", default=palettes.DEFAULT_COLORED_PALETTE, choices=sorted(palettes.COLORED_PALETTES),
                         help="colored MNIST's ten class colours for the real train and test images: 'measured' "
                              "(the LNTL palette, the default) or 'separated' (every pair >= 0.5 apart, to measure "
@@ -524,6 +525,20 @@ def combine_rows(old: dict | None, new: dict, where: str = "") -> dict:
     return _with_parts(new, kept + new_parts)
 
 
+def protocol_differences(old: dict, new: dict) -> list[str]:
+    """What makes two rows' protocols differ, as "field: old -> new" (setup fields as setup.NAME)."""
+    a, b = _protocol(old), _protocol(new)
+    out = [f"{k}: {a.get(k)} -> {b.get(k)}" for k in _PROTOCOL_KEYS if k != "setup" and a.get(k) != b.get(k)]
+    sa, sb = a.get("setup") or {}, b.get("setup") or {}
+    if isinstance(sa, dict) and isinstance(sb, dict):
+        defaults = _jsonable(_setup_defaults())
+        out += [f"setup.{k}: {sa.get(k, defaults.get(k))} -> {sb.get(k, defaults.get(k))}"
+                for k in sorted(set(sa) | set(sb)) if sa.get(k, defaults.get(k)) != sb.get(k, defaults.get(k))]
+    elif sa != sb:
+        out.append(f"setup: {sa} -> {sb}")
+    return out
+
+
 def _slug(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
@@ -561,6 +576,10 @@ def run(args) -> int:
         raise CLIError(f"--cf-colour-jitter is a standard deviation; got {args.cf_colour_jitter}")
     if args.tag.startswith(PALETTE_TAG):
         raise CLIError(f"--tag {args.tag}: tags starting with {PALETTE_TAG!r} name --palette rows; choose another tag")
+    if args.tag and not args.generator:
+        raise CLIError(f"--tag {args.tag}: tags name the rows of a CGN given with --generator; rows from the "
+                       "official weights are not tagged, so write a variant of them (e.g. --cf-colour-jitter) "
+                       "to its own --out table")
     if args.palette != palettes.DEFAULT_COLORED_PALETTE:
         if variants != [palettes.COLORED]:
             raise CLIError(f"--palette {args.palette} recolours colored MNIST only; pass --variants colored")
@@ -586,7 +605,13 @@ def run(args) -> int:
             except (OSError, ValueError) as e:
                 raise CLIError(f"cannot read results {path}: {e}") from e
             for key, row in part.get("runs", {}).items():
-                merged["runs"][key] = combine_rows(merged["runs"].get(key), row, f"{path}: {key}")
+                held = merged["runs"].get(key)
+                if held is not None and _protocol(held) != _protocol(row):
+                    raise CLIError(f"cannot merge {key} from {path}: an earlier file holds this row with another "
+                                   f"protocol ({'; '.join(protocol_differences(held, row))}), and one row "
+                                   "averages seeds of one protocol only; merge those files into separate "
+                                   "--out tables")
+                merged["runs"][key] = combine_rows(held, row, f"{path}: {key}")
             merged["meta"] = part.get("meta", merged.get("meta", {}))
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(merged, indent=1))
@@ -653,7 +678,11 @@ def run(args) -> int:
             protocol = {"epochs": args.epochs, "limit": args.limit, "generator": gen_dir or "official", "palette": palette,
                         "setup": {k: getattr(setup, k) for k in setup.__dataclass_fields__}}
             stored = results["runs"].get(key)
-            done = set(stored["seeds"]) if stored and _protocol(stored) == _protocol(protocol) else set()
+            if stored and _protocol(stored) != _protocol(protocol):  # training would replace the stored seeds
+                raise CLIError(f"{key}: {results_path} already holds this row with another protocol "
+                               f"({'; '.join(protocol_differences(stored, protocol))}); give this run another "
+                               "--out (or, with --generator, another --tag), or pass --fresh to start the file over")
+            done = set(stored["seeds"]) if stored else set()
             todo = [s for s in args.seeds if s not in done]
             if todo:
                 plans.append((method, key, setup, protocol, todo))

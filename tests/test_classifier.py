@@ -470,6 +470,8 @@ def test_table1_palette_rows_and_errors(tmp_path, capsys):
     assert "original+cgn would mix two palettes" in capsys.readouterr().err
     assert cli.main(["table1", "--tag", "palette-x", "--out", str(tmp_path / "t.md")]) == 2
     assert "name --palette rows" in capsys.readouterr().err
+    assert cli.main(["table1", "--tag", "jittered", "--out", str(tmp_path / "t.md")]) == 2  # no --generator
+    assert "tags name the rows of a CGN given with --generator" in capsys.readouterr().err
     with pytest.raises(ValueError, match="recolours colored MNIST only, not wildlife"):
         table1.collect_variant("wildlife", ["original"], palette="separated")
     np.savez(tmp_path / "colored.npz", version=np.int64(table1.BUNDLE_VERSION))  # a bundle from before --palette
@@ -581,6 +583,22 @@ def test_table1_rows_gather_seeds_from_several_calls(tmp_path, capsys):
     assert json.loads(out.with_suffix(".json").read_text())["runs"]["colored/original"]["seeds"] == [0, 1]
     assert "| Original | 90.0 ± 0.0 | 35.0 ± 7.1 | 35.9 |" in out.read_text()
     assert out.with_suffix(".png").is_file()  # the per-epoch curves beside the table
+
+    # another protocol under the same key is refused, naming the difference, instead of replacing seeds
+    stored = out.read_text()
+    assert cli.main(["table1", "--variants", "colored", "--methods", "original", "--epochs", "1", "--out", str(out),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "colored/original: " in err and "another protocol (epochs: 10 -> 1;" in err and "--fresh" in err
+    assert out.read_text() == stored
+    files.append(tmp_path / "s2.json")
+    files[-1].write_text(json.dumps({"runs": {"colored/original": row([2], [0.5], epochs=1)}}))
+    assert cli.main(["table1", "--merge", *map(str, files), "--out", str(tmp_path / "t2.md")]) == 2
+    assert "cannot merge colored/original from " in capsys.readouterr().err
+    assert table1.protocol_differences(row([0], [0.1]), row([0], [0.1])) == []
+    jittered = row([0], [0.1])
+    jittered["setup"] = {**jittered["setup"], "cf_colour_jitter": 0.02}
+    assert table1.protocol_differences(row([0], [0.1]), jittered) == ["setup.cf_colour_jitter: 0.0 -> 0.02"]
 
 
 @pytest.mark.slow

@@ -25,6 +25,24 @@ def test_the_real_test_split_shows_those_digits_through_the_jitter_alone():
     assert cue_contrast.summary(np.array([]))["n"] == 0
 
 
+def test_real_test_contrast_is_the_stored_test_images_edge(mnist_dir):
+    """Measured on the images the split stores (digit mask from the stored digit), the edge is the same."""
+    from cgn_jax.data.builders import make_split, mnist_split
+    from cgn_jax.data.idx import load_mnist_idx
+
+    n = 2_000
+    images, labels = mnist_split(palettes.DOUBLE_COLORED, load_mnist_idx(mnist_dir), "test")
+    split = make_split(palettes.DOUBLE_COLORED, images, labels, "test", limit=n)
+    alike = cue_contrast.ALIKE[split["fg_label"], split["bg_label"]]
+    inside = split["digit"][alike, ..., 0] > 127
+    image = split["image"][alike].astype(np.float64) / 255.0
+    mean_in = np.stack([im[m].mean(0) for im, m in zip(image, inside)])
+    mean_out = np.stack([im[~m].mean(0) for im, m in zip(image, inside)])
+    measured = np.linalg.norm(mean_in - mean_out, axis=-1)
+    # test_draws for n_full = 10,000 and its first n: the same draws as the stored split's first n
+    np.testing.assert_allclose(cue_contrast.real_test_contrast()[: alike.sum()], measured, atol=1e-6)
+
+
 def test_counterfactual_contrast_reads_the_edge_and_grows_with_colour_jitter(cgn_weights):
     variables = port_mnist.load_torch_mnist_cgn(cgn_weights / "double_colored_MNIST.pth")
     model, key = MnistCGN(), jax.random.PRNGKey(0)
