@@ -507,15 +507,17 @@ def _with_parts(row: dict, parts: list[dict]) -> dict:
             "timing": {"total_seconds": sum(p["timing"]["total_seconds"] for p in parts)}}
 
 
+class ProtocolMismatch(ValueError):
+    """Two rows under one key ran different protocols: averaging their seeds would mean nothing."""
+
+
 def combine_rows(old: dict | None, new: dict, where: str = "") -> dict:
-    """`new`'s seeds added to `old`'s (same protocol), replacing seeds both hold; else `new` alone."""
+    """`new`'s seeds added to `old`'s, replacing seeds both hold; rows of two protocols never mix."""
     if old is None:
         return _with_parts(new, _parts(new))
     if _protocol(old) != _protocol(new):
-        print(f"table1: {where or new.get('variant', '?') + '/' + new.get('row', '?')}: the protocol differs "
-              f"from the stored row's (epochs, limit, generator or setup), so the new seeds replace it",
-              file=sys.stderr)
-        return _with_parts(new, _parts(new))
+        raise ProtocolMismatch(f"{where or new.get('variant', '?') + '/' + new.get('row', '?')}: another protocol "
+                               f"({'; '.join(protocol_differences(old, new))})")
     new_parts = _parts(new)
     taken = {s for p in new_parts for s in p["seeds"]}
     kept = [p for p in _parts(old) if not taken & set(p["seeds"])]
@@ -605,13 +607,11 @@ def run(args) -> int:
             except (OSError, ValueError) as e:
                 raise CLIError(f"cannot read results {path}: {e}") from e
             for key, row in part.get("runs", {}).items():
-                held = merged["runs"].get(key)
-                if held is not None and _protocol(held) != _protocol(row):
-                    raise CLIError(f"cannot merge {key} from {path}: an earlier file holds this row with another "
-                                   f"protocol ({'; '.join(protocol_differences(held, row))}), and one row "
-                                   "averages seeds of one protocol only; merge those files into separate "
-                                   "--out tables")
-                merged["runs"][key] = combine_rows(held, row, f"{path}: {key}")
+                try:
+                    merged["runs"][key] = combine_rows(merged["runs"].get(key), row, f"{path}: {key}")
+                except ProtocolMismatch as e:
+                    raise CLIError(f"cannot merge {e}, unlike an earlier file's row; one row averages seeds of "
+                                   "one protocol only, so merge those files into separate --out tables") from e
             merged["meta"] = part.get("meta", merged.get("meta", {}))
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(merged, indent=1))

@@ -547,7 +547,7 @@ def test_table1_bundle_roundtrip_and_markdown(tmp_path):
 
 
 def test_table1_rows_gather_seeds_from_several_calls(tmp_path, capsys):
-    """Seeds of one protocol trained in different calls (or machines) make one row; another protocol replaces it."""
+    """Seeds of one protocol trained in different calls (or machines) make one row; another protocol is refused."""
     from cgn_jax import cli, table1
 
     def row(seeds, test, epochs=10):
@@ -565,9 +565,10 @@ def test_table1_rows_gather_seeds_from_several_calls(tmp_path, capsys):
     newer["setup"] = {**newer["setup"], "fixed_size": C.ClassifierSetup("colored").fixed_size}
     assert table1.combine_rows(both, newer)["seeds"] == [0, 2, 3]
     newer["setup"]["fixed_size"] = 7
-    assert table1.combine_rows(both, newer)["seeds"] == [3] and "protocol differs" in capsys.readouterr().err
-    other = table1.combine_rows(both, row([1], [0.9], epochs=1))
-    assert other["seeds"] == [1] and "protocol differs" in capsys.readouterr().err
+    with pytest.raises(table1.ProtocolMismatch, match=r"another protocol \(setup\.fixed_size: .* -> 7\)"):
+        table1.combine_rows(both, newer)
+    with pytest.raises(table1.ProtocolMismatch, match=r"colored/original: another protocol \(epochs: 10 -> 1\)"):
+        table1.combine_rows(both, row([1], [0.9], epochs=1))
     # a row written before rows had parts counts as one part
     old = {k: v for k, v in row([0, 1], [0.2, 0.4]).items() if k != "parts"}
     old.update(seeds=[0, 1], train_acc=[0.9, 0.9], test_acc=[0.2, 0.4], timing={"total_seconds": 50.0},
@@ -594,7 +595,8 @@ def test_table1_rows_gather_seeds_from_several_calls(tmp_path, capsys):
     files.append(tmp_path / "s2.json")
     files[-1].write_text(json.dumps({"runs": {"colored/original": row([2], [0.5], epochs=1)}}))
     assert cli.main(["table1", "--merge", *map(str, files), "--out", str(tmp_path / "t2.md")]) == 2
-    assert "cannot merge colored/original from " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot merge " in err and "s2.json: colored/original: another protocol (epochs: 10 -> 1)" in err
     assert table1.protocol_differences(row([0], [0.1]), row([0], [0.1])) == []
     jittered = row([0], [0.1])
     jittered["setup"] = {**jittered["setup"], "cf_colour_jitter": 0.02}
