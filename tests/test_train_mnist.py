@@ -464,6 +464,25 @@ def test_the_average_can_start_at_a_resumption_but_not_be_dropped(full_run, tmp_
         train(tiny_config(num_steps=9), workdir, progress=False)
 
 
+def test_a_damaged_training_checkpoint_is_a_clear_error(full_run, tmp_path):
+    """A corrupt manifest names the checkpoint and the way back to the one before it."""
+    import shutil
+
+    from cgn_jax.checkpoint import CheckpointMismatchError
+    from cgn_jax.train.mnist import train
+
+    workdir = tmp_path / "damaged"
+    shutil.copytree(full_run[0], workdir)
+    steps = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
+    latest = workdir / "checkpoints" / str(steps[-1])
+    for manifest in latest.rglob("manifest.ocdbt"):
+        manifest.write_bytes(b"garbage")
+    with pytest.raises(CheckpointMismatchError,
+                       match=rf"checkpoint .*{steps[-1]} is unreadable, corrupt or incomplete .*; "
+                             rf"delete .*{steps[-1]} to resume from checkpoint {steps[-2]}, or use a new --workdir"):
+        train(tiny_config(num_steps=9), workdir, progress=False)
+
+
 def test_resuming_with_a_changed_hyperparameter_warns(tmp_path, capsys):
     from cgn_jax.train.mnist import _save_config
 

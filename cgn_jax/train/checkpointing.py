@@ -63,14 +63,28 @@ class TrainCheckpoints:
             stored = _shapes(self._manager.item_metadata(step)["state"])
         except (KeyError, TypeError, AttributeError):
             return None
+        except Exception as e:  # Orbax/TensorStore raise many kinds of errors for damaged files
+            raise self._unreadable(step, e) from e
         if not isinstance(stored, dict):
             return None
         return {k: len(jax.tree.leaves(v)) for k, v in stored.items()}
 
     def read_meta(self, step: int) -> dict:
         """The JSON record saved with checkpoint `step`."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise self._unreadable(step, e) from e
         return dict(restored["meta"] or {})
+
+    def _unreadable(self, step: int, error: Exception) -> CheckpointMismatchError:
+        """A damaged checkpoint, with the way back to the one before it."""
+        older = [s for s in self.all_steps() if s < step]
+        fix = (f"delete {self.directory / str(step)} to resume from checkpoint {older[-1]}" if older
+               else "delete it and start again")
+        return CheckpointMismatchError(f"checkpoint {self.directory / str(step)} is unreadable, corrupt or "
+                                       f"incomplete ({type(error).__name__}: {str(error)[:300]}); {fix}, "
+                                       "or use a new --workdir")
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """(state shaped like `template`, meta) of checkpoint `step` (default: the latest)."""
@@ -87,13 +101,18 @@ class TrainCheckpoints:
             raise CheckpointMismatchError(f"{e} (to train with this config, use a new --workdir)") from None
         except (KeyError, TypeError, AttributeError):
             pass  # metadata unavailable in this Orbax version: the restore below still checks shapes
+        except Exception as e:
+            raise self._unreadable(step, e) from e
         # an empty entry of the template (a feature switched off) that a checkpoint from before the
         # entry existed lacks: Orbax would call that a structure mismatch, so it is left out and put back
         entries = self.stored_entries(step)
         absent = [k for k, v in target.items() if not jax.tree.leaves(v) and entries is not None and k not in entries]
         target = {k: v for k, v in target.items() if k not in absent}
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise self._unreadable(step, e) from e
         tree = {**jax.tree.map(np.asarray, restored["state"]), **{k: {} for k in absent}}
         state = flax.serialization.from_state_dict(template, tree)
         return state, dict(restored["meta"] or {})
