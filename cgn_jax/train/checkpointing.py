@@ -31,6 +31,13 @@ def _shapes(metadata):
                         is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
+def _entry_sizes(stored) -> dict[str, int] | None:
+    """Top-level name -> number of tensors of a state's shapes (None if they are not a dict)."""
+    if not isinstance(stored, dict):
+        return None
+    return {k: len(jax.tree.leaves(v)) for k, v in stored.items()}
+
+
 class TrainCheckpoints:
     """`save(step, state, meta)` / `restore(template)` / `latest_step()` under `directory`, keeping the last k."""
 
@@ -59,15 +66,16 @@ class TrainCheckpoints:
 
     def stored_entries(self, step: int) -> dict[str, int] | None:
         """Top-level name -> number of tensors, of checkpoint `step`'s state (None if Orbax cannot say)."""
+        return _entry_sizes(self._stored_shapes(step))
+
+    def _stored_shapes(self, step: int):
+        """Checkpoint `step`'s state as shapes, read from its metadata; None if this Orbax version cannot say."""
         try:
-            stored = _shapes(self._manager.item_metadata(step)["state"])
+            return _shapes(self._manager.item_metadata(step)["state"])
         except (KeyError, TypeError, AttributeError):
             return None
         except Exception as e:  # Orbax/TensorStore raise many kinds of errors for damaged files
             raise self._unreadable(step, e) from e
-        if not isinstance(stored, dict):
-            return None
-        return {k: len(jax.tree.leaves(v)) for k, v in stored.items()}
 
     def read_meta(self, step: int) -> dict:
         """The JSON record saved with checkpoint `step`."""
@@ -93,19 +101,15 @@ class TrainCheckpoints:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         target = flax.serialization.to_state_dict(
             jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template))
-        try:
-            stored = _shapes(self._manager.item_metadata(step)["state"])
-            if stored is not None:
+        stored = self._stored_shapes(step)  # None: the restore below still checks shapes
+        if stored is not None:
+            try:
                 check_tree_matches(target, stored, what=f"checkpoint {self.directory / str(step)}")
-        except CheckpointMismatchError as e:
-            raise CheckpointMismatchError(f"{e} (to train with this config, use a new --workdir)") from None
-        except (KeyError, TypeError, AttributeError):
-            pass  # metadata unavailable in this Orbax version: the restore below still checks shapes
-        except Exception as e:
-            raise self._unreadable(step, e) from e
+            except CheckpointMismatchError as e:
+                raise CheckpointMismatchError(f"{e} (to train with this config, use a new --workdir)") from None
         # an empty entry of the template (a feature switched off) that a checkpoint from before the
         # entry existed lacks: Orbax would call that a structure mismatch, so it is left out and put back
-        entries = self.stored_entries(step)
+        entries = _entry_sizes(stored)
         absent = [k for k, v in target.items() if not jax.tree.leaves(v) and entries is not None and k not in entries]
         target = {k: v for k, v in target.items() if k not in absent}
         try:
