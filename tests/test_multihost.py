@@ -181,6 +181,9 @@ def _numbers(metrics_jsonl: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("sec_per_step", "time", "wall_time")} for r in rows]
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPU cores: pinned to one (taskset), XLA orders the float sums of the "
+                           "three processes differently and the GAN amplifies the last-bit differences")
 def test_two_process_training_matches_one_process_and_resumes(tmp_path):
     """`cgn-jax train` over two processes (one CPU device each, a shared run directory) is the
     single-process two-device run: same metrics, same generator, also across a stop and resume.
