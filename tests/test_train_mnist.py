@@ -464,6 +464,26 @@ def test_the_average_can_start_at_a_resumption_but_not_be_dropped(full_run, tmp_
         train(tiny_config(num_steps=9), workdir, progress=False)
 
 
+def test_resuming_reads_the_checkpoint_metadata_once(full_run, monkeypatch):
+    """The average check and the shape check share one metadata read (a slow call on remote storage)."""
+    import orbax.checkpoint as ocp
+
+    from cgn_jax.train import mnist_step as S
+    from cgn_jax.train.checkpointing import TrainCheckpoints
+    from cgn_jax.train.mnist import restore_state
+
+    reads = []
+    original = ocp.CheckpointManager.item_metadata
+    monkeypatch.setattr(ocp.CheckpointManager, "item_metadata",
+                        lambda self, step, *a, **k: reads.append(step) or original(self, step, *a, **k))
+    config = tiny_config()
+    with TrainCheckpoints(full_run[0] / "checkpoints") as ckpt:
+        step = ckpt.latest_step()
+        state = restore_state(ckpt, S.init_state(config), step, config, is_main=False)
+    assert reads == [step]
+    jax.tree.map(np.testing.assert_array_equal, state, _final_state(full_run[0])[1])
+
+
 def test_a_damaged_training_checkpoint_is_a_clear_error(full_run, tmp_path):
     """A corrupt manifest names the checkpoint and the way back to the one before it."""
     import shutil

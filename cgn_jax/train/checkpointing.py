@@ -48,6 +48,7 @@ class TrainCheckpoints:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self._shapes_read: dict[int, Any] = {}  # a written step never changes, so its metadata is read once
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -70,12 +71,15 @@ class TrainCheckpoints:
 
     def _stored_shapes(self, step: int):
         """Checkpoint `step`'s state as shapes, read from its metadata; None if this Orbax version cannot say."""
-        try:
-            return _shapes(self._manager.item_metadata(step)["state"])
-        except (KeyError, TypeError, AttributeError):
-            return None
-        except Exception as e:  # Orbax/TensorStore raise many kinds of errors for damaged files
-            raise self._unreadable(step, e) from e
+        if step not in self._shapes_read:
+            try:
+                shapes = _shapes(self._manager.item_metadata(step)["state"])
+            except (KeyError, TypeError, AttributeError):
+                shapes = None
+            except Exception as e:  # Orbax/TensorStore raise many kinds of errors for damaged files
+                raise self._unreadable(step, e) from e
+            self._shapes_read[step] = shapes
+        return self._shapes_read[step]
 
     def read_meta(self, step: int) -> dict:
         """The JSON record saved with checkpoint `step`."""
