@@ -372,3 +372,24 @@ def test_missing_or_bad_textures_dir(tmp_path):
             (bad / kind / p.name).write_bytes(p.read_bytes())
     with pytest.raises(ValueError, match="holds 9 images; expected exactly 10"):
         idx.load_textures(bad)
+
+
+def test_builders_leave_no_temporary_directories(tmp_path, monkeypatch):
+    """TFDS's bucket lookup for an unbuilt dataset made an empty /tmp/tmp*tfds every time."""
+    import tempfile
+
+    from cgn_jax.data import counterfactual
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    builder = builders.get_builder("wildlife", data_dir=tmp_path / "tfds", limit=4,
+                                   mnist_dir=MNIST_DIR, textures_dir=TEXTURES_DIR)
+    assert not builder.is_prepared()
+    assert builder.info.features["label"].num_classes == 10
+    arrays = {"image": np.zeros((2, 32, 32, 3), np.uint8),
+              **{k: np.array([3, 7]) for k in counterfactual.LABEL_KEYS}}
+    written = counterfactual.write_dataset(tmp_path / "cf", arrays, {"generator": "test"})
+    assert counterfactual.load_dataset(written)["label"].tolist() == [3, 7]
+    leftovers = [p.name for p in scratch.iterdir() if p.name.endswith("tfds")]
+    assert leftovers == [], f"TFDS left temporary directories: {leftovers}"

@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from cgn_jax.data import idx, palettes
+from cgn_jax.data.local_info import LocalDatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -304,10 +305,10 @@ class _MnistVariant(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         limit = None if m["limit"] is None else int(m["limit"])
         return make_config(float(m["corr"]), int(m["seed"]), limit)
 
-    def _info(self) -> tfds.core.DatasetInfo:
+    def _info(self) -> LocalDatasetInfo:
         s = palettes.IMAGE_SIZE
         cls_label = lambda doc: tfds.features.ClassLabel(num_classes=palettes.NUM_CLASSES, doc=doc)
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=(
                 f"{self.VARIANT} MNIST of Counterfactual Generative Networks (Sauer & Geiger, "

@@ -16,6 +16,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cgn_jax.data.local_info import LocalDatasetInfo
+
 VERSION = tfds.core.Version("1.0.0")
 LABEL_KEYS = ("label", "shape_label", "texture_label", "background_label")
 
@@ -43,9 +45,9 @@ class CounterfactualMnist(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     def code_path(cls) -> epath.Path:
         return epath.Path(__file__)
 
-    def _info(self) -> tfds.core.DatasetInfo:
+    def _info(self) -> LocalDatasetInfo:
         label = lambda doc: tfds.features.ClassLabel(num_classes=10, doc=doc)
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description="Counterfactual images sampled from a CGN (cgn-jax generate).",
             features=tfds.features.FeaturesDict({
