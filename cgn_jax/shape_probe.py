@@ -100,12 +100,12 @@ def mask_report(model, variables, params: dict, key: jax.Array, per_class: int =
     y = np.repeat(np.arange(n_classes), per_class)
 
     @jax.jit
-    def masks(key):
+    def masks(variables, y, key):  # arguments, not closures: XLA would constant-fold the weights
         u = model.sample_noise(key, y.shape[0])
-        return jnp.clip(model.apply(variables, u, jnp.asarray(y), method=MnistCGN.shape).astype(jnp.float32),
+        return jnp.clip(model.apply(variables, u, y, method=MnistCGN.shape).astype(jnp.float32),
                         *MASK_CLAMP)
 
-    m = np.asarray(masks(key), np.float64)
+    m = np.asarray(masks(variables, jnp.asarray(y), key), np.float64)
     chex.assert_shape(m, (y.shape[0], None, None, 1))
     by_class = rearrange(m, "(k n) h w c -> k n (h w c)", k=n_classes)
     distance = np.sqrt(((by_class - by_class.mean(1, keepdims=True)) ** 2).sum(-1))  # (k, n)
