@@ -52,6 +52,7 @@ def setup_from_config(config) -> ClassifierSetup:
         cf_source=source if source in (ON_THE_FLY, FIXED) else DATASET, num_cfs=int(config.data.num_cfs),
         fixed_size=int(config.data.get("fixed_size", 100_000)),
         cf_colour_jitter=float(config.data.get("cf_colour_jitter", 0.0)),
+        cf_shape_noise_scale=float(config.data.get("cf_shape_noise_scale", 1.0)),
         batch_size=int(config.train.batch_size), epochs=int(config.train.epochs), lr=float(config.train.lr),
         lr_decay=float(config.train.lr_decay), rho=float(config.train.rho), eps=float(config.train.eps),
         pool=config.model.pool, steps_per_epoch=int(config.train.steps_per_epoch),

@@ -91,8 +91,10 @@ def predict(params: dict, images, batch: int = 1000) -> np.ndarray:
     return np.concatenate([np.asarray(_predict(params, images[i:i + batch])) for i in range(0, len(images), batch)])
 
 
-def mask_report(model, variables, params: dict, key: jax.Array, per_class: int = 500) -> dict[str, np.ndarray]:
-    """Per-class statistics, each (n_classes,), of a `MnistCGN`'s clamped masks for `per_class` noise vectors."""
+def mask_report(model, variables, params: dict, key: jax.Array, per_class: int = 500,
+                shape_noise_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Per-class statistics, each (n_classes,), of a `MnistCGN`'s clamped masks for `per_class` noise
+    vectors (times `shape_noise_scale`, as `cgn_jax.generate.sample_counterfactuals` scales them)."""
     from cgn_jax import mask_stats
     from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
 
@@ -101,7 +103,7 @@ def mask_report(model, variables, params: dict, key: jax.Array, per_class: int =
 
     @jax.jit
     def masks(variables, y, key):  # arguments, not closures: XLA would constant-fold the weights
-        u = model.sample_noise(key, y.shape[0])
+        u = shape_noise_scale * model.sample_noise(key, y.shape[0])
         return jnp.clip(model.apply(variables, u, y, method=MnistCGN.shape).astype(jnp.float32),
                         *MASK_CLAMP)
 

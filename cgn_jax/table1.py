@@ -115,6 +115,10 @@ def add_arguments(parser) -> None:
                              "([0, 1] scale) to their texture and background (0: the official procedure; "
                              "see cgn_jax.generate.sample_counterfactuals); give such rows their own --out, or --tag "
                              "with --generator")
+    parser.add_argument("--cf-shape-noise-scale", type=float, default=1.0, metavar="S",
+                        help="rows that generate counterfactuals: multiply the shape mechanism's noise by S > 0 "
+                             "(below 1 a truncation: cleaner digits, less variety; 1: the official procedure); "
+                             "give such rows their own --out, or --tag with --generator")
     parser.add_argument("--irm-penalty", type=float, default=irm.DEFAULT_PENALTY_WEIGHT)
     parser.add_argument("--irm-anneal-steps", type=int, default=irm.DEFAULT_ANNEAL_STEPS)
     parser.add_argument("--irm-cues", default="independent", choices=("independent", "joint"),
@@ -300,6 +304,8 @@ def method_setup(variant: str, method: str, args):
         fields["fixed_size"] = args.fixed_size
     if args.cf_colour_jitter and mode in COUNTERFACTUAL_MODES:
         fields["cf_colour_jitter"] = args.cf_colour_jitter
+    if args.cf_shape_noise_scale != 1.0 and mode in COUNTERFACTUAL_MODES:
+        fields["cf_shape_noise_scale"] = args.cf_shape_noise_scale
     return ClassifierSetup(variant, mode=mode, irm_correlations=correlations,
                            irm_anneal_steps=args.irm_anneal_steps, irm_rescale=args.irm_rescale == "yes",
                            irm_joint_cues=bool(correlations) and args.irm_cues == "joint",
@@ -576,6 +582,9 @@ def run(args) -> int:
     limits = dict(limit=args.limit or None, test_limit=args.test_limit or None)
     if args.cf_colour_jitter < 0:
         raise CLIError(f"--cf-colour-jitter is a standard deviation; got {args.cf_colour_jitter}")
+    if not args.cf_shape_noise_scale > 0.0:
+        raise CLIError(f"--cf-shape-noise-scale must be positive (1: the official procedure); "
+                       f"got {args.cf_shape_noise_scale}")
     if args.tag.startswith(PALETTE_TAG):
         raise CLIError(f"--tag {args.tag}: tags starting with {PALETTE_TAG!r} name --palette rows; choose another tag")
     if args.tag and not args.generator:

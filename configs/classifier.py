@@ -87,6 +87,9 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     # > 0: per-image colour offsets (std on the [0, 1] scale) on the generated counterfactuals'
     # texture and background, on the fly or in the fixed set; 0 = the official procedure
     c.data.cf_colour_jitter = 0.0
+    # generated counterfactuals' shape noise scaled by this (< 1 a truncation: cleaner digits, less
+    # variety, > 1 more; `cgn-jax generate --mask-report --shape-noise-scale` measures both); 1 = official
+    c.data.cf_shape_noise_scale = 1.0
     c.data.cf_limit = 0             # stored dataset: first N images (0 = all)
 
     c.generator = ml_collections.ConfigDict()

@@ -247,6 +247,46 @@ def test_colour_jitter_offsets_each_counterfactuals_texture_and_background(color
         C.ClassifierSetup("colored", mode="cgn_only", cf_colour_jitter=-0.01)
 
 
+def test_shape_noise_scale_truncates_only_the_shape_noise(colored_generator):
+    """shape_noise_scale: the masks are the shape mechanism's on the scaled noise, with less variety
+    the smaller the scale; labels, textures and backgrounds keep their keys; 1 is the official
+    procedure bit for bit."""
+    from cgn_jax.generate import sample_counterfactuals
+    from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
+
+    model, variables = colored_generator
+    key, n_shapes, num_cfs = jax.random.PRNGKey(7), 200, 2
+    sample = lambda s: sample_counterfactuals(model, variables, key, n_shapes, num_cfs, as_uint8=False,
+                                              with_masks=True, shape_noise_scale=s)
+    plain = sample_counterfactuals(model, variables, key, n_shapes, num_cfs, as_uint8=False, with_masks=True)
+    np.testing.assert_array_equal(sample(1.0)["image"], plain["image"])
+    k_y, k_u, _ = jax.random.split(key, 3)
+    y = jax.random.randint(k_y, (n_shapes,), 0, model.n_classes)
+    variety = []
+    for s in (1.0, 0.7, 0.4):
+        out = sample(s)
+        for name in ("shape_label", "texture_label", "background_label"):
+            np.testing.assert_array_equal(out[name], plain[name])
+        want = jnp.clip(model.apply(variables, s * model.sample_noise(k_u, n_shapes), y, method=MnistCGN.shape),
+                        *MASK_CLAMP)
+        np.testing.assert_allclose(out["mask"][:n_shapes], want, atol=1e-5)
+        m = np.asarray(out["mask"][:n_shapes], np.float64).reshape(n_shapes, -1)
+        labels = np.asarray(y)
+        variety.append(np.mean([np.linalg.norm(m[labels == c] - m[labels == c].mean(0), axis=1).mean()
+                                for c in range(10)]))
+        # where both masks sit at their floor the images are the same texture and background
+        outside = (np.asarray(out["mask"]) <= MASK_CLAMP[0]) & (np.asarray(plain["mask"]) <= MASK_CLAMP[0])
+        assert outside.mean() > 0.3
+        np.testing.assert_allclose(np.where(outside, out["image"], 0), np.where(outside, plain["image"], 0),
+                                   atol=1e-5)
+    assert variety[0] > variety[1] > variety[2], variety
+    for bad in (0.0, -0.5):
+        with pytest.raises(C.SetupError, match="cf_shape_noise_scale must be positive"):
+            C.ClassifierSetup("colored", mode="cgn_only", cf_shape_noise_scale=bad)
+    with pytest.raises(C.SetupError, match="cf_shape_noise_scale acts where"):
+        C.ClassifierSetup("colored", mode="original", cf_shape_noise_scale=0.5)
+
+
 def test_fixed_augmentation_draws_once_per_image():
     """fixed_augmentation: an image looks the same whenever it is drawn (a stored data file);
     by default every use gets a fresh colour jitter."""
@@ -300,6 +340,9 @@ def test_the_official_recipe_trains_on_one_fixed_set(colored_generator, tmp_path
     jittered = dataclasses.replace(setup, cf_colour_jitter=0.02)
     with pytest.raises(pytest.fail.Exception, match="regenerated"):
         C.fixed_counterfactual_set(colored_generator, jittered, cache, progress=False)
+    truncated = dataclasses.replace(setup, cf_shape_noise_scale=0.7)
+    with pytest.raises(pytest.fail.Exception, match="regenerated"):
+        C.fixed_counterfactual_set(colored_generator, truncated, cache, progress=False)
     monkeypatch.undo()
     # training: one pass over the set per epoch; a generator is required
     res = C.train_classifier(setup, _toy_data(), make_assets("colored"), colored_generator, progress=False,
@@ -406,6 +449,8 @@ def test_config_arg_and_errors(capsys):
     assert "unknown data mode 'cgn_plus'" in capsys.readouterr().err
     assert cli.main(["table1", "--methods", "original", "magic"]) == 2
     assert "unknown method(s) magic" in capsys.readouterr().err
+    assert cli.main(["table1", "--methods", "cgn_official", "--cf-shape-noise-scale", "-1"]) == 2
+    assert "--cf-shape-noise-scale must be positive" in capsys.readouterr().err
     with pytest.raises(C.SetupError, match="IRM trains on real environments only"):
         C.ClassifierSetup("colored", mode="original+cgn", irm_correlations=(0.9, 1.0))
     with pytest.raises(C.SetupError, match="not a multiple of num_cfs"):
@@ -513,6 +558,14 @@ def test_official_recipe_row_in_the_config_and_table1():
     assert setup_from_config(load_config("configs/classifier.py:wildlife,cgn_official",
                                          ["--config.data.cf_colour_jitter=0.02"])).cf_colour_jitter == 0.02
     assert table1._digest({"setup": {"lr": 1.0}}) == table1._digest({"setup": {"lr": 1.0, "cf_colour_jitter": 0.0}})
+    truncated = parser.parse_args(["--cf-shape-noise-scale", "0.7"])
+    assert (table1.method_setup("wildlife", "cgn_official", truncated)
+            == dataclasses.replace(setup, cf_shape_noise_scale=0.7))
+    assert table1.method_setup("wildlife", "original+gan", truncated).cf_shape_noise_scale == 1.0
+    assert setup_from_config(load_config("configs/classifier.py:wildlife,cgn_official",
+                                         ["--config.data.cf_shape_noise_scale=0.7"])).cf_shape_noise_scale == 0.7
+    assert table1._digest({"setup": {"lr": 1.0}}) == table1._digest({"setup": {"lr": 1.0,
+                                                                                 "cf_shape_noise_scale": 1.0}})
     assert table1.PAPER_TEST_ACC["cgn_official"] == table1.PAPER_TEST_ACC["original+cgn"]
 
 

@@ -82,3 +82,10 @@ def test_generate_cli_writes_sheet_and_dataset(cgn_weights, tmp_path):
 def test_generate_cli_errors(tmp_path):
     assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert main(["generate", "--config", "configs/mnist.py:rainbow", "--out", str(tmp_path)]) == 2
+
+
+def test_generate_cli_rejects_a_non_positive_shape_noise_scale(cgn_weights, tmp_path, capsys):
+    rc = main(["generate", "--checkpoint", str(cgn_weights / "colored_MNIST.pth"), "--out", str(tmp_path),
+               "--dataset", "--num-images", "10", "--shape-noise-scale", "0"])
+    assert rc == 2 and "--shape-noise-scale must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "tfds").exists()

@@ -98,6 +98,9 @@ class ClassifierSetup:
     # > 0: per-image colour offsets (this std, [0, 1] scale) on the texture and background of
     # generated counterfactuals (`cgn_jax.generate.sample_counterfactuals`); 0: the official procedure.
     cf_colour_jitter: float = 0.0
+    # the shape noise of generated counterfactuals is scaled by this (< 1 a truncation, > 1 wider;
+    # see `sample_counterfactuals`); 1: the official procedure.
+    cf_shape_noise_scale: float = 1.0
     # True: one augmentation draw (colour jitter, texture crop) per real training image, the same in
     # every epoch and for every seed, as in a stored data file like the official colored MNIST's;
     # False: a fresh draw each time an image is used (an augmentation against the cue).
@@ -147,6 +150,14 @@ class ClassifierSetup:
                              f"{', '.join(COUNTERFACTUAL_MODES)} with cf_source {ON_THE_FLY} or {FIXED}); "
                              f"mode {self.mode!r} with cf_source {self.cf_source!r} has none to jitter: "
                              "set it to 0 or generate the counterfactuals in the run")
+        if not self.cf_shape_noise_scale > 0.0:
+            raise SetupError(f"cf_shape_noise_scale must be positive (1: the official procedure), "
+                             f"got {self.cf_shape_noise_scale}")
+        if self.cf_shape_noise_scale != 1.0 and not (self.mode in COUNTERFACTUAL_MODES and self.cf_source != DATASET):
+            raise SetupError("cf_shape_noise_scale acts where this run generates counterfactuals (modes "
+                             f"{', '.join(COUNTERFACTUAL_MODES)} with cf_source {ON_THE_FLY} or {FIXED}); "
+                             f"mode {self.mode!r} with cf_source {self.cf_source!r} has none: set it to 1 or "
+                             "generate the counterfactuals in the run")
         for name in ("batch_size", "epochs", "num_cfs", "eval_batch_size", "fixed_size"):
             if getattr(self, name) < 1:
                 raise SetupError(f"{name} must be positive, got {getattr(self, name)}")
@@ -233,7 +244,8 @@ class Generator(NamedTuple):
 
 
 def sample_generated(model: MnistCGN, variables, key: jax.Array, n_shapes: int, num_cfs: int,
-                     counterfactual: bool = True, colour_jitter: float = 0.0) -> dict[str, jax.Array]:
+                     counterfactual: bool = True, colour_jitter: float = 0.0,
+                     shape_noise_scale: float = 1.0) -> dict[str, jax.Array]:
     """Images from the CGN in [-1, 1] (float32) with their labels; jit-friendly.
 
     counterfactual=True: the procedure (and key use) of `cgn_jax.generate.sample_counterfactuals`,
@@ -241,7 +253,7 @@ def sample_generated(model: MnistCGN, variables, key: jax.Array, n_shapes: int, 
     counterfactual fresh noise and random labels for texture and background; labelled with
     the shape label. counterfactual=False: the CGN as a plain conditional GAN (one noise
     vector and one label for all mechanisms), the paper's 'Original + GAN' data.
-    `colour_jitter`: counterfactuals only, see `sample_counterfactuals`.
+    `colour_jitter`, `shape_noise_scale`: counterfactuals only, see `sample_counterfactuals`.
     """
     if not counterfactual:
         k_y, k_u, k_t = jax.random.split(key, 3)
@@ -250,7 +262,7 @@ def sample_generated(model: MnistCGN, variables, key: jax.Array, n_shapes: int, 
         out = model.apply(variables, y, u=model.sample_noise(k_u, n), rngs={"texture": k_t})
         return {"image": out["image"], "label": y, "shape_label": y, "texture_label": y, "background_label": y}
     return sample_counterfactuals(model, variables, key, n_shapes, num_cfs, as_uint8=False,
-                                  colour_jitter=colour_jitter)
+                                  colour_jitter=colour_jitter, shape_noise_scale=shape_noise_scale)
 
 
 # ---------------------------------------------------------------- data on the device
@@ -351,7 +363,8 @@ def training_batch(key: jax.Array, step: jax.Array, perms: dict, data: dict, gen
         if setup.uses_generator:
             out = sample_generated(gen_model, gen_variables, k_gen, plan.n_gen // setup.num_cfs, setup.num_cfs,
                                    counterfactual=setup.mode != "original+gan",
-                                   colour_jitter=setup.cf_colour_jitter)
+                                   colour_jitter=setup.cf_colour_jitter,
+                                   shape_noise_scale=setup.cf_shape_noise_scale)
             images.append(out["image"].astype(jnp.float32))
             labels.append(out["label"].astype(jnp.int32))
         else:
@@ -723,6 +736,8 @@ def fixed_counterfactual_set(generator: Generator, setup: ClassifierSetup, cache
     tag = f"{_generator_digest(generator.variables)}:{setup.fixed_size}:{setup.num_cfs}"
     if setup.cf_colour_jitter:  # (caches of unjittered sets keep their tag)
         tag += f":jitter{setup.cf_colour_jitter:g}"
+    if setup.cf_shape_noise_scale != 1.0:
+        tag += f":shape_noise{setup.cf_shape_noise_scale:g}"
     if cache is not None and cache.is_file():
         try:
             with np.load(cache) as f:
@@ -734,7 +749,7 @@ def fixed_counterfactual_set(generator: Generator, setup: ClassifierSetup, cache
     shapes_per_call = min(100, -(-setup.fixed_size // setup.num_cfs))  # small sets: whole shapes, one call
     out = generate_dataset(generator.model, generator.variables, jax.random.PRNGKey(0), setup.fixed_size,
                            setup.num_cfs, batch_size=shapes_per_call * setup.num_cfs, progress=progress,
-                           colour_jitter=setup.cf_colour_jitter)
+                           colour_jitter=setup.cf_colour_jitter, shape_noise_scale=setup.cf_shape_noise_scale)
     print(f"generated the fixed set of {setup.fixed_size} counterfactuals ({setup.num_cfs} per shape) in "
           f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
     result = {"cf_image": out["image"], "cf_label": out["label"].astype(np.int32)}
