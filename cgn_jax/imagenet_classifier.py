@@ -321,7 +321,8 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     start = checkpoints.latest_step()
     if start is not None:
         template = init_state(_no_pretrained(config), steps_per_epoch, model=model, log=lambda m: None)
-        state, _ = checkpoints.restore(template, start)
+        with checkpoints.closed_on_error():
+            state, _ = checkpoints.restore(template, start)
         say(f"resuming {workdir} from step {start}")
     else:
         state = init_state(config, steps_per_epoch, model=model, log=say)

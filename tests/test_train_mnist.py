@@ -484,12 +484,18 @@ def test_resuming_reads_the_checkpoint_metadata_once(full_run, monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, state, _final_state(full_run[0])[1])
 
 
-def test_a_damaged_training_checkpoint_is_a_clear_error(full_run, tmp_path):
-    """A corrupt manifest names the checkpoint and the way back to the one before it."""
+def test_a_damaged_training_checkpoint_is_a_clear_error(full_run, tmp_path, monkeypatch):
+    """A corrupt manifest names the checkpoint and the way back to the one before it, and the
+    checkpoint manager is closed before the error leaves `train` (no saver thread left behind)."""
     import shutil
 
     from cgn_jax.checkpoint import CheckpointMismatchError
+    from cgn_jax.train.checkpointing import TrainCheckpoints
     from cgn_jax.train.mnist import train
+
+    closed = []
+    real_close = TrainCheckpoints.close
+    monkeypatch.setattr(TrainCheckpoints, "close", lambda self: (closed.append(self), real_close(self)))
 
     workdir = tmp_path / "damaged"
     shutil.copytree(full_run[0], workdir)
@@ -501,6 +507,7 @@ def test_a_damaged_training_checkpoint_is_a_clear_error(full_run, tmp_path):
                        match=rf"checkpoint .*{steps[-1]} is unreadable, corrupt or incomplete .*; "
                              rf"delete .*{steps[-1]} to resume from checkpoint {steps[-2]}, or use a new --workdir"):
         train(tiny_config(num_steps=9), workdir, progress=False)
+    assert len(closed) == 1
 
 
 def test_resuming_with_a_changed_hyperparameter_warns(tmp_path, capsys):

@@ -12,6 +12,7 @@ reads back without knowing the dataclasses; `restore` maps it onto a template.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,16 @@ class TrainCheckpoints:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+    @contextlib.contextmanager
+    def closed_on_error(self):
+        """Close when the block raises (a resume that fails, say), so no saver thread outlives the
+        error; otherwise the caller goes on using the manager and closes it at the end."""
+        try:
+            yield self
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self):
         return self

@@ -151,8 +151,9 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     state = initial_state(config, frozen, accum)
     latest = checkpoints.latest_step()
     if latest is not None:
-        state, meta = _restore(checkpoints, state, latest, spec)
-        _check_resume(meta, sources, accum, is_main)
+        with checkpoints.closed_on_error():
+            state, meta = _restore(checkpoints, state, latest, spec)
+            _check_resume(meta, sources, accum, is_main)
         _say(is_main, f"resuming {workdir} from micro-step {latest} (update {latest // accum})")
     micro = int(state.step)
     start_update = micro // accum

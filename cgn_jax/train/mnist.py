@@ -70,7 +70,8 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     state = S.init_state(config)
     start = checkpoints.latest_step()
     if start is not None:
-        state = restore_state(checkpoints, state, start, config, is_main)
+        with checkpoints.closed_on_error():
+            state = restore_state(checkpoints, state, start, config, is_main)
         _say(is_main, f"resuming {workdir} from step {start}")
     start = int(state.step)
     train_step = S.pmap_train_step(config, global_batch, layout, chosen)
