@@ -17,6 +17,8 @@ is cheap, so training runs it at every sample sheet, and `cgn-jax generate`,
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -87,18 +89,25 @@ def describe(means, threshold: float = INVERTED_ABOVE) -> str:
             f"{', '.join(map(str, bad))} (of {n})")
 
 
-def generator_frame_means(model, variables, key: jax.Array, per_class: int = 64) -> np.ndarray:
-    """`per_class_frame_mean` of a `MnistCGN`'s (clamped) masks for `per_class` noise vectors per class."""
+@functools.partial(jax.jit, static_argnames=("model", "per_class", "shape_noise_scale"))
+def _class_masks(model, variables, key, per_class: int, shape_noise_scale: float):
     from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
 
     y = jnp.repeat(jnp.arange(model.n_classes), per_class)
+    u = shape_noise_scale * model.sample_noise(key, y.shape[0])
+    return jnp.clip(model.apply(variables, u, y, method=MnistCGN.shape).astype(jnp.float32), *MASK_CLAMP), y
 
-    @jax.jit
-    def masks(variables, key):
-        u = model.sample_noise(key, y.shape[0])
-        return jnp.clip(model.apply(variables, u, y, method=MnistCGN.shape).astype(jnp.float32), *MASK_CLAMP)
 
-    return per_class_frame_mean(jax.device_get(masks(variables, key)), np.asarray(y), model.n_classes)
+def class_masks(model, variables, key: jax.Array, per_class: int,
+                shape_noise_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A `MnistCGN`'s clamped masks (N, H, W, 1) for `per_class` noise vectors (times
+    `shape_noise_scale`) of each class in turn, and their labels (N,)."""
+    return jax.device_get(_class_masks(model, variables, key, per_class, shape_noise_scale))
+
+
+def generator_frame_means(model, variables, key: jax.Array, per_class: int = 64) -> np.ndarray:
+    """`per_class_frame_mean` of a `MnistCGN`'s (clamped) masks for `per_class` noise vectors per class."""
+    return per_class_frame_mean(*class_masks(model, variables, key, per_class), model.n_classes)
 
 
 def check_generator(model, variables, what: str) -> np.ndarray:

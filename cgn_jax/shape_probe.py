@@ -96,18 +96,10 @@ def mask_report(model, variables, params: dict, key: jax.Array, per_class: int =
     """Per-class statistics, each (n_classes,), of a `MnistCGN`'s clamped masks for `per_class` noise
     vectors (times `shape_noise_scale`, as `cgn_jax.generate.sample_counterfactuals` scales them)."""
     from cgn_jax import mask_stats
-    from cgn_jax.models.mnist_cgn import MASK_CLAMP, MnistCGN
 
     n_classes = model.n_classes
-    y = np.repeat(np.arange(n_classes), per_class)
-
-    @jax.jit
-    def masks(variables, y, key):  # arguments, not closures: XLA would constant-fold the weights
-        u = shape_noise_scale * model.sample_noise(key, y.shape[0])
-        return jnp.clip(model.apply(variables, u, y, method=MnistCGN.shape).astype(jnp.float32),
-                        *MASK_CLAMP)
-
-    m = np.asarray(masks(variables, jnp.asarray(y), key), np.float64)
+    m, y = mask_stats.class_masks(model, variables, key, per_class, shape_noise_scale)
+    m = np.asarray(m, np.float64)
     chex.assert_shape(m, (y.shape[0], None, None, 1))
     by_class = rearrange(m, "(k n) h w c -> k n (h w c)", k=n_classes)
     distance = np.sqrt(((by_class - by_class.mean(1, keepdims=True)) ** 2).sum(-1))  # (k, n)

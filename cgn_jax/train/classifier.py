@@ -145,19 +145,16 @@ class ClassifierSetup:
             raise SetupError(f"unknown loop {self.loop!r}; valid: auto, scan, steps")
         if self.cf_colour_jitter < 0:
             raise SetupError(f"cf_colour_jitter is a standard deviation, got {self.cf_colour_jitter}")
-        if self.cf_colour_jitter and not (self.mode in COUNTERFACTUAL_MODES and self.cf_source != DATASET):
-            raise SetupError("cf_colour_jitter acts where this run generates counterfactuals (modes "
-                             f"{', '.join(COUNTERFACTUAL_MODES)} with cf_source {ON_THE_FLY} or {FIXED}); "
-                             f"mode {self.mode!r} with cf_source {self.cf_source!r} has none to jitter: "
-                             "set it to 0 or generate the counterfactuals in the run")
         if not self.cf_shape_noise_scale > 0.0:
             raise SetupError(f"cf_shape_noise_scale must be positive (1: the official procedure), "
                              f"got {self.cf_shape_noise_scale}")
-        if self.cf_shape_noise_scale != 1.0 and not (self.mode in COUNTERFACTUAL_MODES and self.cf_source != DATASET):
-            raise SetupError("cf_shape_noise_scale acts where this run generates counterfactuals (modes "
-                             f"{', '.join(COUNTERFACTUAL_MODES)} with cf_source {ON_THE_FLY} or {FIXED}); "
-                             f"mode {self.mode!r} with cf_source {self.cf_source!r} has none: set it to 1 or "
-                             "generate the counterfactuals in the run")
+        generates_cfs = self.mode in COUNTERFACTUAL_MODES and self.cf_source != DATASET
+        for name, official in (("cf_colour_jitter", 0.0), ("cf_shape_noise_scale", 1.0)):
+            if getattr(self, name) != official and not generates_cfs:
+                raise SetupError(f"{name} acts where this run generates counterfactuals (modes "
+                                 f"{', '.join(COUNTERFACTUAL_MODES)} with cf_source {ON_THE_FLY} or {FIXED}); "
+                                 f"mode {self.mode!r} with cf_source {self.cf_source!r} has none: set it to "
+                                 f"{official:g} or generate the counterfactuals in the run")
         for name in ("batch_size", "epochs", "num_cfs", "eval_batch_size", "fixed_size"):
             if getattr(self, name) < 1:
                 raise SetupError(f"{name} must be positive, got {getattr(self, name)}")
