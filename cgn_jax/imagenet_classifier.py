@@ -349,7 +349,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
                 desc="classifier", unit="step")
     step = start
     queue = BoundedQueue()  # a stop signal waits for at most a few seconds of queued steps
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, checkpoints.closed_on_error():  # an error in a step closes it too
         while step < num_steps and not stop.signum:
             rstate, metrics_sum = p_step(rstate, metrics_sum, next(batches))
             queue.after_step(metrics_sum)

@@ -68,8 +68,8 @@ def test_generate_cli_writes_sheet_and_dataset(cgn_weights, tmp_path):
                "--config", "configs/mnist.py:double_colored", "--out", str(out), "--sheet", "--dataset",
                "--num-images", "120", "--num-cfs", "4", "--batch-size", "40"])
     assert rc == 0
-    sheet = Image.open(out / "counterfactuals_double_colored.png")
-    assert sheet.size[0] > 300 and sheet.size[1] > 300
+    with Image.open(out / "counterfactuals_double_colored.png") as sheet:
+        assert sheet.size[0] > 300 and sheet.size[1] > 300
     data = load_dataset(out)
     assert data["image"].shape == (120, 32, 32, 3) and data["image"].dtype == np.uint8
     assert set(data) == {"image", "label", "shape_label", "texture_label", "background_label"}

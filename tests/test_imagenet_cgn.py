@@ -328,7 +328,8 @@ def test_generate_dataset_sheets_and_interpolation(trained_workdir, tmp_path):
                      batch_size=4, seed=0, mode="random", classes=None, run_name="t", truncation=None,
                      interp="texture", interp_cls=3, midpoints=2, gif=True, gif_frames=4)
     assert G.run(args, config) == 0
-    rows = list(csv.reader(open(tmp_path / "labels.csv")))
+    with open(tmp_path / "labels.csv") as f:
+        rows = list(csv.reader(f))
     assert rows[0] == list(G.CSV_HEADER) and len(rows) == 6
     assert rows[1][0] == "t_0000000" and all(0 <= int(c) < 16 for r in rows[1:] for c in r[1:])
     ims = sorted(p.name for p in (tmp_path / "ims").iterdir())
@@ -337,10 +338,12 @@ def test_generate_dataset_sheets_and_interpolation(trained_workdir, tmp_path):
     assert (tmp_path / "class_sheet.png").is_file()
     from PIL import Image
 
-    assert Image.open(tmp_path / "ims" / "t_0000000_x_gen.jpg").size == (64, 64)
-    assert Image.open(tmp_path / "ims" / "t_0000000_x_gen_interp.jpg").size == (4 * 64 + 3 * 2, 64)
-    gif = Image.open(tmp_path / "ims" / "t_0000000_interp.gif")
-    assert gif.n_frames > 2
+    with Image.open(tmp_path / "ims" / "t_0000000_x_gen.jpg") as im:
+        assert im.size == (64, 64)
+    with Image.open(tmp_path / "ims" / "t_0000000_x_gen_interp.jpg") as im:
+        assert im.size == (4 * 64 + 3 * 2, 64)
+    with Image.open(tmp_path / "ims" / "t_0000000_interp.gif") as gif:
+        assert gif.n_frames > 2
     # fixed classes go to the CSV unchanged
     fixed = G.sample_classes(np.random.default_rng(0), "fixed_classes", 3, 16, (1, 2, 3))
     assert fixed.tolist() == [[1, 2, 3]] * 3

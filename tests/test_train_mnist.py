@@ -561,8 +561,14 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_the_loop_makes_no_implicit_host_transfers(tmp_path, monkeypatch):
-    """The step runs under jax.transfer_guard("disallow"): a host round-trip in it is an error, not a slowdown."""
+    """The step runs under jax.transfer_guard("disallow"): a host round-trip in it is an error, not a slowdown.
+    The error leaves `train` with the checkpoint manager closed, as at a failed resume."""
     from cgn_jax.train import mnist, mnist_step
+    from cgn_jax.train.checkpointing import TrainCheckpoints
+
+    closed = []
+    real_close = TrainCheckpoints.close
+    monkeypatch.setattr(TrainCheckpoints, "close", lambda self: (closed.append(self), real_close(self)))
 
     real = mnist_step.pmap_train_step
 
@@ -578,6 +584,7 @@ def test_the_loop_makes_no_implicit_host_transfers(tmp_path, monkeypatch):
     config = tiny_config(num_steps=2, sample_every=0, checkpoint_every=0)
     with pytest.raises(Exception, match="[Dd]isallowed host-to-device"):
         mnist.train(config, tmp_path / "guarded", progress=False)
+    assert len(closed) == 1
     config.train.transfer_guard = "allow"
     assert mnist.train(config, tmp_path / "unguarded", progress=False).step == 2
     config.train.transfer_guard = "sometimes"

@@ -141,7 +141,8 @@ class TrainCheckpoints:
         try:
             yield self
         except BaseException:
-            self.close()
+            with contextlib.suppress(Exception):  # the error that stopped the block is the one to report
+                self.close()
             raise
 
     def __enter__(self):

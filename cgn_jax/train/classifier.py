@@ -618,6 +618,7 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
                                                           "chunk": chunk, "history": history})
 
     t_start = time.perf_counter()
+    stores = []  # each group's checkpoint manager, closed however the run ends
     try:
         for group in groups:
             init_keys, data_keys = member_keys(group)
@@ -627,6 +628,7 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
             history, first_epoch, first_chunk, totals, store = [], 0, 0, None, None
             if checkpoint_dir is not None:
                 store = TrainCheckpoints(group_checkpoint_dir(checkpoint_dir, group), max_to_keep=2, async_save=False)
+                stores.append(store)
                 if store.latest_step() is not None:
                     states, totals, history, first_epoch, first_chunk = _resume(store, states, group, fingerprint)
                     totals = replicate(totals, devices) if first_chunk else None
@@ -694,6 +696,8 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
             per_group.append(history)
     finally:
         bar.close()
+        for store in stores:
+            store.close()
     total = time.perf_counter() - t_start
     history = [_merge_records([h[e] for h in per_group]) for e in range(setup.epochs)]
     # steady-state throughput: leave out each group's first epoch (the very first one compiles)

@@ -177,7 +177,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
                 desc=config.variant, unit="micro")
     guard = transfer_guard(config)
     queue = BoundedQueue()  # a stop signal waits for at most a few seconds of queued steps
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, checkpoints.closed_on_error():  # an error in a step closes it too
         while micro < num_steps * accum and not stop.signum:
             with jax.transfer_guard(guard):  # the step may not move data between host and device
                 rstate, metrics_sum = step_fn(rstate, metrics_sum, rfrozen)

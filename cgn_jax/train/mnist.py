@@ -93,7 +93,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     guard = transfer_guard(config)
     inverted = None  # classes whose mask covered the background at the last sample sheet
     queue = BoundedQueue()  # a stop signal waits for at most a few seconds of queued steps
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, checkpoints.closed_on_error():  # an error in a step closes it too
         while step < num_steps and not stop.signum:
             with jax.transfer_guard(guard):  # the step may not move data between host and device
                 rstate, metrics_sum = train_step(rstate, metrics_sum, ctx)
