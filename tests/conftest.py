@@ -1,8 +1,10 @@
-"""Shared test fixtures: the real data and weights in ../shared (never copied into the repo)."""
+"""Shared test fixtures: the real data and weights in ../shared (never copied into the repo), and a
+record of the training checkpoint managers a test opens and closes."""
 
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,24 @@ def cgn_weights(shared) -> Path:
 @pytest.fixture(scope="session")
 def reference(shared) -> Path:
     return shared / "reference"
+
+
+@pytest.fixture
+def checkpoint_managers(monkeypatch):
+    """`.opened` / `.closed`: every `TrainCheckpoints` the test creates / closes, in order."""
+    from cgn_jax.train.checkpointing import TrainCheckpoints
+
+    seen = types.SimpleNamespace(opened=[], closed=[])
+    real_init, real_close = TrainCheckpoints.__init__, TrainCheckpoints.close
+
+    def init(self, *args, **kwargs):
+        seen.opened.append(self)
+        real_init(self, *args, **kwargs)
+
+    def close(self):
+        seen.closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(TrainCheckpoints, "__init__", init)
+    monkeypatch.setattr(TrainCheckpoints, "close", close)
+    return seen

@@ -394,17 +394,10 @@ class _StopAfter:
         return 15 if self.n < 0 else None
 
 
-def test_an_interrupted_classifier_run_resumes_exactly(tmp_path, monkeypatch):
+def test_an_interrupted_classifier_run_resumes_exactly(tmp_path, checkpoint_managers):
     """Stopped mid-epoch, then at an epoch's end, then resumed: the same weights and records as one run;
     every call closes the checkpoint manager it opened, whether it finished, stopped or failed."""
     from cgn_jax.data import make_assets
-    from cgn_jax.train.checkpointing import TrainCheckpoints
-
-    opened, closed = [], []
-    real_init, real_close = TrainCheckpoints.__init__, TrainCheckpoints.close
-    monkeypatch.setattr(TrainCheckpoints, "__init__",
-                        lambda self, *a, **k: (opened.append(self), real_init(self, *a, **k))[-1])
-    monkeypatch.setattr(TrainCheckpoints, "close", lambda self: (closed.append(self), real_close(self))[-1])
 
     setup = C.ClassifierSetup("colored", mode="original", epochs=3, batch_size=32)  # 8 steps per epoch
     data, assets = _toy_data(), make_assets("colored")
@@ -433,6 +426,7 @@ def test_an_interrupted_classifier_run_resumes_exactly(tmp_path, monkeypatch):
     with pytest.raises(C.SetupError, match="another run.*setup.*delete"):
         C.train_classifier(dataclasses.replace(setup, epochs=4), data, assets, seeds=(4,), progress=False,
                            checkpoint_dir=ckpt)
+    opened, closed = checkpoint_managers.opened, checkpoint_managers.closed
     assert len(opened) == 4 and sorted(map(id, closed)) == sorted(map(id, opened))
 
 

@@ -484,18 +484,13 @@ def test_resuming_reads_the_checkpoint_metadata_once(full_run, monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, state, _final_state(full_run[0])[1])
 
 
-def test_a_damaged_training_checkpoint_is_a_clear_error(full_run, tmp_path, monkeypatch):
+def test_a_damaged_training_checkpoint_is_a_clear_error(full_run, tmp_path, checkpoint_managers):
     """A corrupt manifest names the checkpoint and the way back to the one before it, and the
     checkpoint manager is closed before the error leaves `train` (no saver thread left behind)."""
     import shutil
 
     from cgn_jax.checkpoint import CheckpointMismatchError
-    from cgn_jax.train.checkpointing import TrainCheckpoints
     from cgn_jax.train.mnist import train
-
-    closed = []
-    real_close = TrainCheckpoints.close
-    monkeypatch.setattr(TrainCheckpoints, "close", lambda self: (closed.append(self), real_close(self)))
 
     workdir = tmp_path / "damaged"
     shutil.copytree(full_run[0], workdir)
@@ -507,7 +502,7 @@ def test_a_damaged_training_checkpoint_is_a_clear_error(full_run, tmp_path, monk
                        match=rf"checkpoint .*{steps[-1]} is unreadable, corrupt or incomplete .*; "
                              rf"delete .*{steps[-1]} to resume from checkpoint {steps[-2]}, or use a new --workdir"):
         train(tiny_config(num_steps=9), workdir, progress=False)
-    assert len(closed) == 1
+    assert checkpoint_managers.closed == checkpoint_managers.opened and len(checkpoint_managers.opened) == 1
 
 
 def test_resuming_with_a_changed_hyperparameter_warns(tmp_path, capsys):
@@ -560,15 +555,10 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(tmp_path):
     assert read_meta(workdir / "generator")["step"] == step
 
 
-def test_the_loop_makes_no_implicit_host_transfers(tmp_path, monkeypatch):
+def test_the_loop_makes_no_implicit_host_transfers(tmp_path, monkeypatch, checkpoint_managers):
     """The step runs under jax.transfer_guard("disallow"): a host round-trip in it is an error, not a slowdown.
     The error leaves `train` with the checkpoint manager closed, as at a failed resume."""
     from cgn_jax.train import mnist, mnist_step
-    from cgn_jax.train.checkpointing import TrainCheckpoints
-
-    closed = []
-    real_close = TrainCheckpoints.close
-    monkeypatch.setattr(TrainCheckpoints, "close", lambda self: (closed.append(self), real_close(self)))
 
     real = mnist_step.pmap_train_step
 
@@ -584,7 +574,7 @@ def test_the_loop_makes_no_implicit_host_transfers(tmp_path, monkeypatch):
     config = tiny_config(num_steps=2, sample_every=0, checkpoint_every=0)
     with pytest.raises(Exception, match="[Dd]isallowed host-to-device"):
         mnist.train(config, tmp_path / "guarded", progress=False)
-    assert len(closed) == 1
+    assert checkpoint_managers.closed == checkpoint_managers.opened and len(checkpoint_managers.opened) == 1
     config.train.transfer_guard = "allow"
     assert mnist.train(config, tmp_path / "unguarded", progress=False).step == 2
     config.train.transfer_guard = "sometimes"
