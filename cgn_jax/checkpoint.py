@@ -54,9 +54,9 @@ def save_variables(dst: str | Path, variables, meta: dict | None = None) -> Path
     dst = Path(dst).absolute()
     dst.mkdir(parents=True, exist_ok=True)
     target = dst / "variables"
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, jax.tree.map(np.asarray, variables), force=True)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:  # closed: no saver thread outlives the call
+        checkpointer.save(target, jax.tree.map(np.asarray, variables), force=True)
+        checkpointer.wait_until_finished()
     if jax.process_index() == 0:  # every process joins Orbax's save; one writes the (atomic) meta.json
         tmp = dst / f".meta.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(meta or {}, indent=2, sort_keys=True))
@@ -70,7 +70,8 @@ def read_meta(src: str | Path) -> dict:
 
 
 def _stored_shapes(target: Path):
-    metadata = ocp.StandardCheckpointer().metadata(target)
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(target)
     tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)
     if tree is None:
         tree = getattr(metadata, "tree", metadata)
@@ -101,14 +102,14 @@ def restore_variables(src: str | Path, expected=None, sharding=None):
             "re-create it (e.g. rerun `cgn-jax port`)") from e
     if expected is not None:
         check_tree_matches(expected, stored, what=f"checkpoint {src}")
-    checkpointer = ocp.StandardCheckpointer()
     abstract = None
     if sharding is not None:
         shardings = (sharding if not isinstance(sharding, jax.sharding.Sharding)
                      else jax.tree.map(lambda _: sharding, stored))
         abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), stored, shardings)
     try:
-        restored = checkpointer.restore(target) if abstract is None else checkpointer.restore(target, abstract)
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(target) if abstract is None else checkpointer.restore(target, abstract)
     except Exception as e:
         raise CheckpointMismatchError(
             f"checkpoint {src} could not be read ({type(e).__name__}: {e}); it is corrupt or incomplete: "

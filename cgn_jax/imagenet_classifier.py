@@ -384,9 +384,9 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
                 window_start = time.perf_counter()
     pbar.close()
     batches.close()
-    if checkpoints.latest_step() != step:
-        _checkpoint(checkpoints, rstate, step, config, workdir)
-    checkpoints.close()
+    with checkpoints:  # closed however the final save ends
+        if checkpoints.latest_step() != step:
+            _checkpoint(checkpoints, rstate, step, config, workdir)
     logger.close()
     status = "interrupted" if stop.signum and step < num_steps else "completed"
     if status == "interrupted":

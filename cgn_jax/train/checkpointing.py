@@ -141,12 +141,18 @@ class TrainCheckpoints:
         try:
             yield self
         except BaseException:
-            with contextlib.suppress(Exception):  # the error that stopped the block is the one to report
-                self.close()
+            self._close_quietly()
             raise
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        with contextlib.suppress(Exception):  # the error that stopped the block is the one to report
+            self.close()

@@ -213,9 +213,9 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
                 _checkpoint(checkpoints, rstate, micro, spec, sources, config, workdir)
     pbar.close()
 
-    if checkpoints.latest_step() != micro and micro > 0:
-        _checkpoint(checkpoints, rstate, micro, spec, sources, config, workdir)
-    checkpoints.close()
+    with checkpoints:  # closed however the final save ends
+        if checkpoints.latest_step() != micro and micro > 0:
+            _checkpoint(checkpoints, rstate, micro, spec, sources, config, workdir)
     logger.close()
     update = micro // accum
     status = "interrupted" if stop.signum and micro < num_steps * accum else "completed"

@@ -119,14 +119,15 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
                 _checkpoint(checkpoints, rstate, step, config, workdir)
     pbar.close()
 
-    # the end (or an interruption): final checkpoint, generator export, last sample sheet
-    if checkpoints.latest_step() != step:
-        _checkpoint(checkpoints, rstate, step, config, workdir)
-    elif not (workdir / "generator" / "meta.json").exists():
-        _export(parallel.to_host(rstate), config, workdir, step)
-    if is_main and step > start and not every.sample(step) and not stop.signum:  # a preempted run saves time
-        log_samples(sampler, rstate, workdir, config, step, logger, inverted)
-    checkpoints.close()
+    # the end (or an interruption): final checkpoint, generator export, last sample sheet;
+    # the manager is closed however this ends (a full disk at the export, say)
+    with checkpoints:
+        if checkpoints.latest_step() != step:
+            _checkpoint(checkpoints, rstate, step, config, workdir)
+        elif not (workdir / "generator" / "meta.json").exists():
+            _export(parallel.to_host(rstate), config, workdir, step)
+        if is_main and step > start and not every.sample(step) and not stop.signum:  # a preempted run saves time
+            log_samples(sampler, rstate, workdir, config, step, logger, inverted)
     logger.close()
     status = "interrupted" if stop.signum and step < num_steps else "completed"
     if status == "interrupted":
