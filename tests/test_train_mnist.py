@@ -515,24 +515,28 @@ def test_a_damaged_training_checkpoint_is_a_clear_error(full_run, tmp_path, chec
 
 def test_a_failed_final_export_closes_the_manager_and_the_next_run_finishes_it(tmp_path, monkeypatch,
                                                                                checkpoint_managers):
-    """A full disk at the generator export after the loop: the error reaches the caller, the manager
-    is closed (no saver thread left behind) and the checkpoint is on disk, so the same command
-    exports the generator without training again."""
+    """A full disk at the export after the loop (the raw generator written, the average not): the
+    error reaches the caller, the manager is closed (no saver thread left behind) and the
+    checkpoint is on disk, so the same command writes the missing export without training again."""
     from cgn_jax.checkpoint import read_meta
     from cgn_jax.train import mnist
 
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    real_export = mnist.export_generator
 
-    config = tiny_config(num_steps=2, sample_every=0, checkpoint_every=0)
+    def full_disk_at_the_average(dst, *args, **kwargs):
+        if dst.name == "generator_ema":
+            raise OSError(28, "No space left on device")
+        return real_export(dst, *args, **kwargs)
+
+    config = tiny_config(num_steps=2, sample_every=0, checkpoint_every=0, ema_decay=0.9)
     with monkeypatch.context() as patch:
-        patch.setattr(mnist, "export_generator", full_disk)
+        patch.setattr(mnist, "export_generator", full_disk_at_the_average)
         with pytest.raises(OSError, match="No space left"):
             mnist.train(config, tmp_path, progress=False)
     assert checkpoint_managers.closed == checkpoint_managers.opened and len(checkpoint_managers.opened) == 1
-    assert not (tmp_path / "generator" / "meta.json").exists()
+    assert read_meta(tmp_path / "generator")["step"] == 2 and read_meta(tmp_path / "generator_ema") == {}
     assert mnist.train(config, tmp_path, progress=False).step == 2
-    assert read_meta(tmp_path / "generator")["step"] == 2
+    assert read_meta(tmp_path / "generator_ema")["step"] == 2
     assert len(checkpoint_managers.opened) == 2 and checkpoint_managers.closed == checkpoint_managers.opened
 
 
