@@ -92,7 +92,6 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     step = start
     guard = transfer_guard(config)
     inverted = None  # classes whose mask covered the background at the last sample sheet
-    exported = None  # the step this run last checkpointed and exported
     queue = BoundedQueue()  # a stop signal waits for at most a few seconds of queued steps
     with StopOnSignal() as stop, checkpoints.closed_on_error():  # an error in a step closes it too
         while step < num_steps and not stop.signum:
@@ -118,7 +117,6 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
                 inverted = log_samples(sampler, rstate, workdir, config, step, logger, inverted, pbar)
             if every.checkpoint(step):
                 _checkpoint(checkpoints, rstate, step, config, workdir)
-                exported = step
     pbar.close()
 
     # the end (or an interruption): final checkpoint, generator export, last sample sheet;
@@ -126,9 +124,9 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     with checkpoints:
         if checkpoints.latest_step() != step:
             _checkpoint(checkpoints, rstate, step, config, workdir)
-        elif exported != step and not _exported(workdir, step, average=bool(rstate.ema)):
-            # an export that failed in an earlier run: judged from its files, which every process
-            # reads alike (this run's own export may still be in flight on another process)
+        elif step == start and not _exported(workdir, step, average=bool(rstate.ema)):
+            # no step ran (a step past `start` was saved and exported in the loop): an export that
+            # failed in an earlier run, judged from its files, which every process reads alike
             _export(parallel.to_host(rstate), config, workdir, step)
         if is_main and step > start and not every.sample(step) and not stop.signum:  # a preempted run saves time
             log_samples(sampler, rstate, workdir, config, step, logger, inverted)
@@ -340,8 +338,8 @@ def _export(state: S.TrainState, config, workdir: Path, step: int) -> None:
 
 def _exported(workdir: Path, step: int, average: bool) -> bool:
     """Whether `generator/` (and `generator_ema/`) hold this step; meta.json is written last."""
-    return all(read_meta(workdir / name).get("step") == step
-               for name in ("generator", "generator_ema")[:2 if average else 1])
+    names = ["generator", "generator_ema"] if average else ["generator"]
+    return all(read_meta(workdir / name).get("step") == step for name in names)
 
 
 def _mean_metrics(metrics_sum, n: int) -> dict[str, float]:
