@@ -58,11 +58,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except CLIError as e:
+        _drop_reports_from_abandoned_reads()
         print(f"cgn-jax {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cgn-jax {name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _drop_reports_from_abandoned_reads() -> None:
+    """Keep the error message the last thing the user reads.
+
+    When Orbax fails on a corrupt checkpoint it closes its event loop while other TensorStore reads
+    are still in flight; those finish on their own threads and each prints a traceback saying the
+    loop is closed. The process is ending with the real error anyway, so exactly those reports are
+    dropped; every other unraisable exception still reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+
+    def hook(report):
+        if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed":
+            return
+        previous(report)
+
+    sys.unraisablehook = hook
 
 
 if __name__ == "__main__":

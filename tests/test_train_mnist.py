@@ -94,6 +94,24 @@ def test_unknown_variant_is_a_cli_error(tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "w").exists()
 
 
+def test_after_a_cli_error_only_reports_of_abandoned_reads_are_dropped(tmp_path, monkeypatch):
+    """Orbax's abandoned reads on a corrupt checkpoint report a closed event loop after the error
+    message; the CLI drops those reports and passes every other one on."""
+    import types
+
+    from cgn_jax.cli import main
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    assert main(["train", "--config=configs/mnist.py:fashion", f"--workdir={tmp_path / 'w'}"]) == 2
+    report = lambda exc: types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                               err_msg=None, object=None)
+    abandoned, other = report(RuntimeError("Event loop is closed")), report(RuntimeError("something else"))
+    sys.unraisablehook(abandoned)
+    sys.unraisablehook(other)
+    assert seen == [other]
+
+
 def test_cli_errors_for_bad_settings(tmp_path, capsys):
     from cgn_jax.cli import main
 
