@@ -71,18 +71,25 @@ def default_generator_path(variant: str) -> Path:
     return path
 
 
-def load_generator_for(config) -> tuple[Generator, str]:
+def load_generator_for(config) -> tuple[Generator | list[Generator], str]:
+    """The config's CGN, or a pool of CGNs for a fixed set when generator.checkpoint lists several ("A,B")."""
     from types import SimpleNamespace
 
     from cgn_jax import mask_stats
     from cgn_jax.generate import load_generator
 
     checkpoint = config.generator.checkpoint or str(default_generator_path(config.variant))
+    paths = [p.strip() for p in checkpoint.split(",") if p.strip()]
+    if len(set(paths)) < len(paths):
+        raise ValueError(f"generator.checkpoint={checkpoint} names a CGN twice; a pool takes each CGN once")
     texture = SimpleNamespace(texture_mode=config.generator.texture_mode, patch_size=config.generator.patch_size)
     shim = SimpleNamespace(variant=config.variant, model=texture)
-    model, variables = load_generator(checkpoint, shim)
-    mask_stats.check_generator(model, variables, checkpoint)
-    return Generator(model, variables), checkpoint
+    pool = []
+    for path in paths:
+        model, variables = load_generator(path, shim)
+        mask_stats.check_generator(model, variables, path)
+        pool.append(Generator(model, variables))
+    return (pool[0] if len(pool) == 1 else pool), checkpoint
 
 
 def load_data(config, setup: ClassifierSetup):

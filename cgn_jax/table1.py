@@ -134,7 +134,9 @@ def add_arguments(parser) -> None:
                         help="persistent compilation cache (a resumed or repeated run skips recompiling)")
     parser.add_argument("--generator", nargs="+", default=[], metavar="VARIANT=DIR",
                         help="use this CGN (a `cgn-jax train` workdir or its generator/ dir) instead of the "
-                             "official weights for VARIANT; its rows are stored under --tag")
+                             "official weights for VARIANT; its rows are stored under --tag. A VARIANT given "
+                             "several times pools those CGNs: they share cgn_official's fixed set, an equal "
+                             "share of the shapes each")
     parser.add_argument("--tag", default="", help="row suffix for runs with --generator (default 'cgn-jax'); only with --generator")
     parser.add_argument("--palette", default=palettes.DEFAULT_COLORED_PALETTE, choices=sorted(palettes.COLORED_PALETTES),
                         help="colored MNIST's ten class colours for the real train and test images: 'measured' "
@@ -257,10 +259,12 @@ def load_bundle(path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def method_inputs(bundle: dict, method: str, generator_dir=None):
+def method_inputs(bundle: dict, method: str, generator_dirs=()):
     """(data dict, render assets, generator or None) for one method from a bundle.
 
-    `generator_dir` replaces the bundle's official weights with a CGN trained by this project.
+    `generator_dirs` (one path, or several to pool) replace the bundle's official weights with
+    CGNs trained by this project; several give a list of generators (see
+    `cgn_jax.train.classifier.fixed_counterfactual_set`).
     """
     from cgn_jax.models.mnist_cgn import MnistCGN
     from cgn_jax.train.classifier import Generator
@@ -278,12 +282,14 @@ def method_inputs(bundle: dict, method: str, generator_dir=None):
             "test_image": bundle["test_image"], "test_label": bundle["test_label"]}
     assets = {k[len("asset__"):]: v for k, v in bundle.items() if k.startswith("asset__")}
     generator = None
-    if mode != "original" and generator_dir:
+    if mode != "original" and generator_dirs:
         from cgn_jax.port.mnist import load_mnist_cgn
 
-        path = Path(generator_dir)
-        model, variables = load_mnist_cgn(path / "generator" if (path / "generator").is_dir() else path)
-        generator = Generator(model, variables)
+        pool = []
+        for directory in generator_dirs:
+            path = Path(directory)
+            pool.append(Generator(*load_mnist_cgn(path / "generator" if (path / "generator").is_dir() else path)))
+        generator = pool[0] if len(pool) == 1 else pool
     elif mode != "original":
         variables = _unflatten("gen", bundle)
         if not variables:
@@ -667,11 +673,22 @@ def run(args) -> int:
         if not sep or not Path(path).is_dir():
             raise CLIError(f"--generator {item}: expected VARIANT=DIR with DIR a `cgn-jax train` workdir or "
                            "its generator/ directory")
-        generators[name] = path
+        if path in generators.get(name, []):
+            raise CLIError(f"--generator {item} is given twice; a pool takes each CGN once")
+        generators.setdefault(name, []).append(path)
+    pooled = {name: dirs for name, dirs in generators.items() if len(dirs) > 1}
+    for name, dirs in pooled.items():
+        on_the_fly = [m for m in args.methods if METHODS[m][0] != "original"
+                      and METHOD_SETUP.get(m, {}).get("cf_source") != "fixed"]
+        if name in variants and on_the_fly:
+            raise CLIError(f"--generator gives {len(dirs)} CGNs for {name}: a pool shares the fixed set of "
+                           f"cgn_official, but {', '.join(on_the_fly)} sample inside the train step from one "
+                           "CGN; run those rows with one --generator")
 
     palette = None if args.palette == palettes.DEFAULT_COLORED_PALETTE else args.palette
     for variant in variants:
-        gen_dir = generators.get(variant)
+        gen_dirs = generators.get(variant, [])
+        gen_dir = " + ".join(gen_dirs)  # the protocol's "generator": one path, or the pool's paths
         suffix = f"@{args.tag or 'cgn-jax'}" if gen_dir else (f"@{PALETTE_TAG}{palette}" if palette else "")
         methods = [m for m in args.methods if not (gen_dir and METHODS[m][0] == "original")]
         if gen_dir and len(methods) < len(args.methods):
@@ -713,15 +730,20 @@ def run(args) -> int:
         for method, key, setup, protocol, todo in plans:
             mode, correlations = METHODS[method]
             try:
-                data, assets, generator = method_inputs(bundle, method, gen_dir)
+                data, assets, generator = method_inputs(bundle, method, gen_dirs)
                 masks = {}
                 if generator is not None:
                     from cgn_jax import mask_stats
+                    from cgn_jax.train.classifier import pool_members
 
-                    frame_means = mask_stats.check_generator(generator.model, generator.variables,
-                                                             f"table1 {key}, generator")
-                    masks = {"mask_frame_means": [round(float(m), 4) for m in frame_means],
-                             "inverted_classes": mask_stats.inverted_classes(frame_means)}
+                    members = pool_members(generator)
+                    frame_means = [mask_stats.check_generator(g.model, g.variables, f"table1 {key}, generator"
+                                                              + (f" {gen_dirs[i]}" if len(members) > 1 else ""))
+                                   for i, g in enumerate(members)]
+                    per_member = [[round(float(m), 4) for m in f] for f in frame_means]
+                    masks = {"mask_frame_means": per_member[0] if len(per_member) == 1 else per_member,
+                             "inverted_classes": sorted({c for f in frame_means
+                                                         for c in mask_stats.inverted_classes(f)})}
                 vmap = {"auto": None, "yes": True, "no": False}[args.vmap_seeds]
                 if vmap is None:
                     vmap = jax.devices()[0].platform != "cpu"

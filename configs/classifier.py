@@ -93,7 +93,9 @@ def get_config(arg: str = "colored") -> ml_collections.ConfigDict:
     c.data.cf_limit = 0             # stored dataset: first N images (0 = all)
 
     c.generator = ml_collections.ConfigDict()
-    c.generator.checkpoint = ""     # Orbax dir, training workdir or .pth; "" = official weights in shared/
+    # Orbax dir, training workdir or .pth; "" = official weights in shared/; several, comma-separated
+    # ("A,B"), pool CGNs into one fixed set (data.cf_source="fixed"), an equal share of the shapes each
+    c.generator.checkpoint = ""
     c.generator.texture_mode = "tile_crop"
     c.generator.patch_size = 4
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -462,6 +463,60 @@ def test_config_arg_and_errors(capsys):
         C.batch_plan(C.ClassifierSetup("colored", batch_size=63), 2)
 
 
+def test_a_pool_of_cgns_shares_the_fixed_set(colored_generator, monkeypatch):
+    """Each pooled CGN draws its share of whole shapes with its own key; a pool of one is the plain set."""
+    from cgn_jax import generate
+
+    setup = C.ClassifierSetup("colored", mode="cgn_only", cf_source="fixed", num_cfs=10, fixed_size=200,
+                              batch_size=32, epochs=1)
+    other = C.Generator(colored_generator.model, jax.tree.map(lambda x: x * 0.9, colored_generator.variables))
+    pooled = C.fixed_counterfactual_set([colored_generator, other], setup, progress=False)
+    assert pooled["cf_image"].shape == (200, 32, 32, 3)
+    half = dataclasses.replace(setup, fixed_size=100)
+    first = C.fixed_counterfactual_set(colored_generator, half, progress=False)  # member 0: key 0, 10 shapes
+    second = generate.generate_dataset(other.model, other.variables, jax.random.PRNGKey(1), 100, 10, batch_size=100,
+                                       progress=False)
+    np.testing.assert_array_equal(pooled["cf_image"][:100], first["cf_image"])
+    np.testing.assert_array_equal(pooled["cf_image"][100:], second["image"])
+    np.testing.assert_array_equal(pooled["cf_label"][100:], second["label"])
+    assert not np.array_equal(pooled["cf_image"][:100], pooled["cf_image"][100:])
+    alone = C.fixed_counterfactual_set([colored_generator], setup, progress=False)
+    np.testing.assert_array_equal(alone["cf_image"], C.fixed_counterfactual_set(colored_generator, setup,
+                                                                                progress=False)["cf_image"])
+    with pytest.raises(C.SetupError, match="fewer than the 3 generators pooled"):
+        C.fixed_counterfactual_set([colored_generator] * 3, dataclasses.replace(setup, fixed_size=20), progress=False)
+    # sampling inside the train step takes one generator; a pool of one is that generator
+    on_the_fly = C.ClassifierSetup("colored", mode="cgn_only", batch_size=32, epochs=1, steps_per_epoch=1)
+    data = {"digit": np.zeros((64, 28, 28), np.uint8), "label": np.zeros(64, np.int32),
+            "fg_label": np.zeros((1, 64), np.int32), "bg_label": np.zeros((1, 64), np.int32),
+            "test_image": np.zeros((32, 32, 32, 3), np.uint8), "test_label": np.zeros(32, np.int32)}
+    with pytest.raises(C.SetupError, match="2 generators pooled, but mode cgn_only with cf_source on_the_fly"):
+        C.train_classifier(on_the_fly, data, {}, [colored_generator, other], progress=False)
+
+
+def test_train_classifier_config_pools_cgns_listed_in_the_checkpoint(tmp_path):
+    from conftest import SHARED
+
+    from cgn_jax.classifier_cli import load_generator_for
+    from cgn_jax.config_loading import load_config
+
+    official = SHARED / "weights" / "cgn_mnist" / "colored_MNIST.pth"
+    twin = tmp_path / "colored_MNIST.pth"
+    shutil.copyfile(official, twin)
+    config = load_config("configs/classifier.py:colored,cgn_official", [f"--config.generator.checkpoint={official}"])
+    one, _ = load_generator_for(config)
+    assert isinstance(one, C.Generator)
+    config = load_config("configs/classifier.py:colored,cgn_official",
+                         [f"--config.generator.checkpoint={official}, {twin}"])
+    pool, named = load_generator_for(config)
+    assert len(pool) == 2 and named == f"{official}, {twin}"
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, pool[0].variables, pool[1].variables)))
+    config = load_config("configs/classifier.py:colored,cgn_official",
+                         [f"--config.generator.checkpoint={official},{official}"])
+    with pytest.raises(ValueError, match="names a CGN twice"):
+        load_generator_for(config)
+
+
 def test_erm_control_rows_in_the_config_and_table1():
     """erm2/erm5: IRM's environments and warm-up, then no penalty, so the penalty's effect can be measured."""
     from cgn_jax import table1
@@ -757,3 +812,19 @@ def test_table1_tiny_run(tmp_path, mnist_dir, tfds_dir, monkeypatch, capsys):
     assert not (tmp_path / "t1.ckpt").exists()
     assert "| CGN counterfactuals only, official recipe (fixed set) (CGN: mine) |" in out.read_text()
     assert cli.main(["table1", "--data", str(bundles), "--generator", "colored"]) == 2  # no =DIR
+    # two CGNs for one variant: a pool that shares the fixed set; on-the-fly rows refuse it, and a CGN given twice
+    twin = tmp_path / "twin"
+    shutil.copytree(gen, twin)
+    pool = ["--generator", f"colored={gen}", f"colored={twin}", "--tag", "pool"]
+    assert cli.main(["table1", "--data", str(bundles), "--variants", "colored", "--methods", "cgn_official", *pool,
+                     "--seeds", "0", "--epochs", "1", "--fixed-size", "256", "--out", str(out), "--no-progress"]) == 0
+    assert "shapes split 13 / 13 among 2 generators" in capsys.readouterr().err
+    row = json.loads(out.with_suffix(".json").read_text())["runs"]["colored/cgn_official@pool"]
+    assert row["generator"] == f"{gen} + {twin}" and row["steps_per_epoch"] == 256 // 64
+    assert len(row["mask_frame_means"]) == 2 and row["mask_frame_means"][0] == row["mask_frame_means"][1]
+    assert cli.main(["table1", "--data", str(bundles), "--variants", "colored", "--methods", "cgn_official",
+                     "original+cgn", *pool, "--out", str(out)]) == 2
+    assert "original+cgn sample inside the train step from one CGN" in capsys.readouterr().err
+    assert cli.main(["table1", "--data", str(bundles), "--variants", "colored", "--methods", "cgn_official",
+                     "--generator", f"colored={gen}", f"colored={gen}", "--out", str(out)]) == 2
+    assert "is given twice" in capsys.readouterr().err

@@ -516,7 +516,7 @@ def member_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array]:
 
 
 def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets: dict[str, Any],
-                     generator: Generator | None = None, seeds: Sequence[int] = (0,), *,
+                     generator: Generator | Sequence[Generator] | None = None, seeds: Sequence[int] = (0,), *,
                      devices: Sequence | None = None, vmap_seeds: bool | None = None, progress: bool = True,
                      on_epoch: Callable[[dict], None] | None = None, checkpoint_dir: str | Path | None = None,
                      stop: Any = None, grad_kernels: str = "auto") -> dict:
@@ -532,6 +532,7 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
     a group of seeds trained together) as soon as it is fetched, in order, including the
     records restored from a checkpoint.
 
+    generator: the CGN, or a pool of CGNs (a sequence) that share a fixed set (`fixed_counterfactual_set`).
     grad_kernels: how the CNN computes its slowest gradients (`CNN.grad_kernels`; same values
     up to float rounding, so not part of the setup).
     checkpoint_dir: resumable training. Each group of seeds is checkpointed there after
@@ -550,6 +551,13 @@ def train_classifier(setup: ClassifierSetup, data: dict[str, np.ndarray], assets
     plan = batch_plan(setup, n_dev)
     if setup.needs_generator and generator is None:
         raise SetupError(f"mode {setup.mode} with cf_source {setup.cf_source} needs a generator (a CGN checkpoint)")
+    if generator is not None and not isinstance(generator, Generator):  # a pool
+        members = pool_members(generator)
+        if setup.uses_generator and len(members) > 1:
+            raise SetupError(f"{len(members)} generators pooled, but mode {setup.mode} with cf_source "
+                             f"{setup.cf_source} samples inside the train step, from one generator; pool them "
+                             f"into a fixed set (cf_source {FIXED!r}) or give one generator")
+        generator = members[0] if len(members) == 1 else members
     if setup.makes_fixed_set:
         cache = Path(checkpoint_dir) / FIXED_SET_FILE if checkpoint_dir is not None else None
         data = {**data, **fixed_counterfactual_set(generator, setup, cache, progress=progress)}
@@ -723,18 +731,37 @@ def _generator_digest(variables) -> str:
     return f"{crc:08x}"
 
 
-def fixed_counterfactual_set(generator: Generator, setup: ClassifierSetup, cache: Path | None = None,
-                             progress: bool = True) -> dict[str, np.ndarray]:
-    """{'cf_image', 'cf_label'}: `setup.fixed_size` counterfactuals, `setup.num_cfs` per shape, key 0.
+def pool_members(generator) -> list[Generator]:
+    """The generators behind `generator`: itself, or the members of a pool (a sequence of them)."""
+    members = [generator] if isinstance(generator, Generator) else list(generator)
+    if not members or not all(isinstance(g, Generator) for g in members):
+        raise SetupError("a pool of generators needs at least one Generator (model, variables)")
+    return members
+
+
+def fixed_counterfactual_set(generator: Generator | Sequence[Generator], setup: ClassifierSetup,
+                             cache: Path | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+    """{'cf_image', 'cf_label'}: `setup.fixed_size` counterfactuals, `setup.num_cfs` per shape.
 
     As the official `generate_data.py`: one set for the whole run (every seed trains on the
     same images). Kept in `cache` (written whole, then renamed), so a resumed run trains on the
     very same images even where generation is not bit-reproducible (GPU convolutions); a cache
     made by another generator or size is replaced.
+
+    A pool of generators (CGNs trained with different seeds, say) shares the set: member i
+    draws an equal share of the shapes, whole shapes only, with key i, so one CGN's failures
+    (a class it draws badly) make up only its share. A pool of one is the single-generator set.
     """
     from cgn_jax.generate import generate_dataset
 
-    tag = f"{_generator_digest(generator.variables)}:{setup.fixed_size}:{setup.num_cfs}"
+    members = pool_members(generator)
+    n_shapes = -(-setup.fixed_size // setup.num_cfs)
+    shares = [len(part) for part in np.array_split(np.arange(n_shapes), len(members))]
+    if min(shares) == 0:
+        raise SetupError(f"a fixed set of {setup.fixed_size} counterfactuals ({setup.num_cfs} per shape) has "
+                         f"{n_shapes} shapes, fewer than the {len(members)} generators pooled; raise fixed_size "
+                         "or pool fewer generators")
+    tag = "+".join(_generator_digest(g.variables) for g in members) + f":{setup.fixed_size}:{setup.num_cfs}"
     if setup.cf_colour_jitter:  # (caches of unjittered sets keep their tag)
         tag += f":jitter{setup.cf_colour_jitter:g}"
     if setup.cf_shape_noise_scale != 1.0:
@@ -747,13 +774,18 @@ def fixed_counterfactual_set(generator: Generator, setup: ClassifierSetup, cache
         except (OSError, ValueError, KeyError) as e:
             print(f"regenerating the fixed counterfactual set: {cache} is unreadable ({e})", file=sys.stderr)
     t0 = time.perf_counter()
-    shapes_per_call = min(100, -(-setup.fixed_size // setup.num_cfs))  # small sets: whole shapes, one call
-    out = generate_dataset(generator.model, generator.variables, jax.random.PRNGKey(0), setup.fixed_size,
-                           setup.num_cfs, batch_size=shapes_per_call * setup.num_cfs, progress=progress,
-                           colour_jitter=setup.cf_colour_jitter, shape_noise_scale=setup.cf_shape_noise_scale)
-    print(f"generated the fixed set of {setup.fixed_size} counterfactuals ({setup.num_cfs} per shape) in "
-          f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    result = {"cf_image": out["image"], "cf_label": out["label"].astype(np.int32)}
+    parts = []
+    for i, (member, share) in enumerate(zip(members, shares)):
+        shapes_per_call = min(100, share)  # small sets: whole shapes, one call
+        parts.append(generate_dataset(member.model, member.variables, jax.random.PRNGKey(i), share * setup.num_cfs,
+                                      setup.num_cfs, batch_size=shapes_per_call * setup.num_cfs, progress=progress,
+                                      colour_jitter=setup.cf_colour_jitter,
+                                      shape_noise_scale=setup.cf_shape_noise_scale))
+    print(f"generated the fixed set of {setup.fixed_size} counterfactuals ({setup.num_cfs} per shape"
+          + (f", shapes split {' / '.join(map(str, shares))} among {len(members)} generators" if len(members) > 1
+             else "") + f") in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    result = {"cf_image": np.concatenate([p["image"] for p in parts])[:setup.fixed_size],
+              "cf_label": np.concatenate([p["label"] for p in parts])[:setup.fixed_size].astype(np.int32)}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp.npz")
