@@ -91,6 +91,10 @@ def get_config(variant: str = "colored") -> ml_collections.ConfigDict:
     # > 0: also keep an exponential moving average of the generator (e.g. 0.999), exported as
     # generator_ema/ beside generator/. Passive: the training itself is unchanged. Not in the official code.
     c.train.ema_decay = 0.0
+    # steps whose generator (and average) are kept in snapshots/step_N/ as well, e.g. 30000,35000:
+    # earlier generators to pool with the final one for the classifier (docs/results.md); a
+    # checkpoint is written at each
+    c.train.snapshot_steps = ()
     c.train.transfer_guard = "disallow"  # implicit host<->device copies in the step are errors ("log", "allow")
 
     c.generate = ml_collections.ConfigDict()

@@ -645,3 +645,26 @@ def test_bfloat16_compute_trains(tmp_path):
     assert result.step == 4 and all(np.isfinite(list(result.last_metrics.values())))
     _, state, _ = _final_state(tmp_path)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.generator.params))
+
+
+def test_snapshot_steps_keep_earlier_generators_beside_the_final_one(tmp_path):
+    """train.snapshot_steps: the generator and its average at those steps stay in snapshots/step_N/
+    (for pooling with the final one) while generator/ moves on; steps outside the run are refused."""
+    from cgn_jax.checkpoint import read_meta, restore_variables
+    from cgn_jax.train import mnist
+
+    config = tiny_config(num_steps=3, sample_every=0, checkpoint_every=0, ema_decay=0.9)
+    config.train.snapshot_steps = (1, 2)
+    assert mnist.train(config, tmp_path, progress=False).step == 3
+    for name in ("generator", "generator_ema"):
+        assert read_meta(tmp_path / name)["step"] == 3
+        assert [read_meta(tmp_path / "snapshots" / f"step_{n}" / name)["step"] for n in (1, 2)] == [1, 2]
+    early = restore_variables(tmp_path / "snapshots" / "step_1" / "generator_ema")
+    final = restore_variables(tmp_path / "generator_ema")
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(early), jax.tree.leaves(final)))
+    config.train.snapshot_steps = (2, 9)
+    with pytest.raises(ValueError, match=r"snapshot_steps \[9\] fall outside this run's steps 1-3"):
+        mnist.train(config, tmp_path / "late", progress=False)
+    config.train.snapshot_steps = ("soon",)
+    with pytest.raises(ValueError, match="give whole steps"):
+        mnist.check_config(config)

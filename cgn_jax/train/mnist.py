@@ -64,6 +64,10 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     ctx, layout = step_context(config, devices)
     steps_per_epoch = layout.steps_per_epoch
     num_steps = int(config.train.num_steps) or int(config.train.epochs) * steps_per_epoch
+    late = [n for n in snapshot_steps(config) if not 0 < n <= num_steps]
+    if late:
+        raise ValueError(f"train.snapshot_steps {late} fall outside this run's steps 1-{num_steps}; "
+                         "give steps within the run (or raise train.num_steps)")
 
     # state: the latest checkpoint if there is one, else step 0
     checkpoints = TrainCheckpoints(workdir / "checkpoints", config.train.keep_checkpoints)
@@ -153,6 +157,11 @@ def check_config(config) -> None:
     S.compute_dtype(config)
     S.ema_decay(config)
     transfer_guard(config)
+    try:
+        snapshot_steps(config)
+    except (TypeError, ValueError):
+        raise ValueError(f"train.snapshot_steps={config.train.snapshot_steps!r}: give whole steps, "
+                         "e.g. --config.train.snapshot_steps=30000,35000 (one: 30000,)") from None
     mnist_cgn.from_config(config.model)  # refuses impossible model settings (e.g. tanh_grad_floor)
     if config.disc.kind not in KINDS:
         raise ValueError(f"disc.kind must be one of {', '.join(KINDS)}, got {config.disc.kind!r}")
@@ -328,12 +337,19 @@ def _checkpoint(checkpoints: TrainCheckpoints, rstate, step: int, config, workdi
     _export(state, config, workdir, step)
 
 
+def snapshot_steps(config) -> frozenset[int]:
+    return frozenset(int(n) for n in config.train.get("snapshot_steps", ()))
+
+
 def _export(state: S.TrainState, config, workdir: Path, step: int) -> None:
-    """`generator/`, and `generator_ema/` (the average, which `cgn-jax generate` reads the same way) if kept."""
-    export_generator(workdir / "generator", state.generator, config, step)
-    if state.ema:
-        average = S.NetState(params=state.ema["params"], batch_stats=state.ema["batch_stats"], opt_state=None)
-        export_generator(workdir / "generator_ema", average, config, step, ema_decay=S.ema_decay(config))
+    """`generator/`, and `generator_ema/` (the average, which `cgn-jax generate` reads the same way) if kept;
+    at a snapshot step the same again in snapshots/step_N/, which later exports leave alone."""
+    places = [workdir] + ([workdir / "snapshots" / f"step_{step}"] if step in snapshot_steps(config) else [])
+    for place in places:
+        export_generator(place / "generator", state.generator, config, step)
+        if state.ema:
+            average = S.NetState(params=state.ema["params"], batch_stats=state.ema["batch_stats"], opt_state=None)
+            export_generator(place / "generator_ema", average, config, step, ema_decay=S.ema_decay(config))
 
 
 def _exported(workdir: Path, step: int, average: bool) -> bool:
@@ -365,6 +381,7 @@ class _Every:
     def __init__(self, train_config):
         self._log, self._sample = int(train_config.log_every), int(train_config.sample_every)
         self._ckpt = int(train_config.checkpoint_every)
+        self._snapshots = frozenset(int(n) for n in train_config.get("snapshot_steps", ()))
 
     @staticmethod
     def _due(period: int, step: int) -> bool:
@@ -377,7 +394,7 @@ class _Every:
         return self._due(self._sample, step)
 
     def checkpoint(self, step):
-        return self._due(self._ckpt, step)
+        return self._due(self._ckpt, step) or step in self._snapshots
 
 
 def _save_config(config, path: Path) -> None:
