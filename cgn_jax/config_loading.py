@@ -64,8 +64,8 @@ def _parse_value(text: str, current):
         return value
     if isinstance(current, float) and isinstance(value, int):
         return float(value)
-    if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
-        return type(current)(value)
+    if isinstance(current, (list, tuple)):  # one value for a sequence field: a sequence of one ("30000")
+        return type(current)(value if isinstance(value, (list, tuple)) else (value,))
     if current is not None and not isinstance(value, type(current)):
         raise ConfigError(f"expected a {type(current).__name__}, got {text!r}")
     return value

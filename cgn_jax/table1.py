@@ -676,11 +676,10 @@ def run(args) -> int:
         if path in generators.get(name, []):
             raise CLIError(f"--generator {item} is given twice; a pool takes each CGN once")
         generators.setdefault(name, []).append(path)
-    pooled = {name: dirs for name, dirs in generators.items() if len(dirs) > 1}
-    for name, dirs in pooled.items():
-        on_the_fly = [m for m in args.methods if METHODS[m][0] != "original"
-                      and METHOD_SETUP.get(m, {}).get("cf_source") != "fixed"]
-        if name in variants and on_the_fly:
+    on_the_fly = [m for m in args.methods if METHODS[m][0] != "original"
+                  and METHOD_SETUP.get(m, {}).get("cf_source") != "fixed"]
+    for name, dirs in generators.items():
+        if len(dirs) > 1 and name in variants and on_the_fly:
             raise CLIError(f"--generator gives {len(dirs)} CGNs for {name}: a pool shares the fixed set of "
                            f"cgn_official, but {', '.join(on_the_fly)} sample inside the train step from one "
                            "CGN; run those rows with one --generator")

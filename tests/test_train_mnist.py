@@ -663,8 +663,12 @@ def test_snapshot_steps_keep_earlier_generators_beside_the_final_one(tmp_path):
     final = restore_variables(tmp_path / "generator_ema")
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(early), jax.tree.leaves(final)))
     config.train.snapshot_steps = (2, 9)
-    with pytest.raises(ValueError, match=r"snapshot_steps \[9\] fall outside this run's steps 1-3"):
+    with pytest.raises(mnist.ScheduleError, match=r"snapshot_steps \[9\] fall outside this run's steps 1-3"):
         mnist.train(config, tmp_path / "late", progress=False)
-    config.train.snapshot_steps = ("soon",)
+    from cgn_jax.config_loading import load_config
+
+    for text, steps in (("30000,35000", (30000, 35000)), ("30000", (30000,)), ("soon", ("soon",))):
+        assert load_config("configs/mnist.py:wildlife", [f"--config.train.snapshot_steps={text}"]).train.snapshot_steps \
+            == steps
     with pytest.raises(ValueError, match="give whole steps"):
-        mnist.check_config(config)
+        mnist.check_config(load_config("configs/mnist.py:wildlife", ["--config.train.snapshot_steps=soon"]))

@@ -61,6 +61,7 @@ def run(args) -> int:
     from cgn_jax.checkpoint import CheckpointMismatchError
     from cgn_jax.data.sharding import ShardingError
     from cgn_jax.parallel import BatchSplitError
+    from cgn_jax.train.mnist import ScheduleError
 
     from cgn_jax import distributed
 
@@ -80,7 +81,7 @@ def run(args) -> int:
         raise CLIError(str(e)) from None
     try:
         result = module.train(config, workdir, devices=devices, progress=not args.no_progress)
-    except (BatchSplitError, CheckpointMismatchError, FileNotFoundError, ShardingError) as e:
+    except (BatchSplitError, CheckpointMismatchError, FileNotFoundError, ShardingError, ScheduleError) as e:
         raise CLIError(str(e)) from None
     if result.status == "interrupted" and result.signal is not None:
         return 128 + int(result.signal)  # the shell's convention for "ended by signal N"

@@ -64,10 +64,10 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     ctx, layout = step_context(config, devices)
     steps_per_epoch = layout.steps_per_epoch
     num_steps = int(config.train.num_steps) or int(config.train.epochs) * steps_per_epoch
-    late = [n for n in snapshot_steps(config) if not 0 < n <= num_steps]
+    late = sorted(n for n in snapshot_steps(config) if not 0 < n <= num_steps)
     if late:
-        raise ValueError(f"train.snapshot_steps {late} fall outside this run's steps 1-{num_steps}; "
-                         "give steps within the run (or raise train.num_steps)")
+        raise ScheduleError(f"train.snapshot_steps {late} fall outside this run's steps 1-{num_steps}; "
+                            "give steps within the run (or raise train.num_steps)")
 
     # state: the latest checkpoint if there is one, else step 0
     checkpoints = TrainCheckpoints(workdir / "checkpoints", config.train.keep_checkpoints)
@@ -161,7 +161,7 @@ def check_config(config) -> None:
         snapshot_steps(config)
     except (TypeError, ValueError):
         raise ValueError(f"train.snapshot_steps={config.train.snapshot_steps!r}: give whole steps, "
-                         "e.g. --config.train.snapshot_steps=30000,35000 (one: 30000,)") from None
+                         "e.g. --config.train.snapshot_steps=30000,35000") from None
     mnist_cgn.from_config(config.model)  # refuses impossible model settings (e.g. tanh_grad_floor)
     if config.disc.kind not in KINDS:
         raise ValueError(f"disc.kind must be one of {', '.join(KINDS)}, got {config.disc.kind!r}")
@@ -335,6 +335,10 @@ def _checkpoint(checkpoints: TrainCheckpoints, rstate, step: int, config, workdi
     meta = {"variant": config.variant, **({"ema_decay": S.ema_decay(config)} if state.ema else {})}
     checkpoints.save(step, state, meta)
     _export(state, config, workdir, step)
+
+
+class ScheduleError(ValueError):
+    """Config steps that the run's schedule (known once the data is) never reaches."""
 
 
 def snapshot_steps(config) -> frozenset[int]:
