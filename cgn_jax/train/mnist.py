@@ -64,7 +64,7 @@ def train(config, workdir: str | Path, *, devices=None, progress: bool = True) -
     ctx, layout = step_context(config, devices)
     steps_per_epoch = layout.steps_per_epoch
     num_steps = int(config.train.num_steps) or int(config.train.epochs) * steps_per_epoch
-    late = sorted(n for n in snapshot_steps(config) if not 0 < n <= num_steps)
+    late = sorted(n for n in snapshot_steps(config.train) if not 0 < n <= num_steps)
     if late:
         raise ScheduleError(f"train.snapshot_steps {late} fall outside this run's steps 1-{num_steps}; "
                             "give steps within the run (or raise train.num_steps)")
@@ -158,7 +158,7 @@ def check_config(config) -> None:
     S.ema_decay(config)
     transfer_guard(config)
     try:
-        snapshot_steps(config)
+        snapshot_steps(config.train)
     except (TypeError, ValueError):
         raise ValueError(f"train.snapshot_steps={config.train.snapshot_steps!r}: give whole steps, "
                          "e.g. --config.train.snapshot_steps=30000,35000") from None
@@ -341,18 +341,19 @@ class ScheduleError(ValueError):
     """Config steps that the run's schedule (known once the data is) never reaches."""
 
 
-def snapshot_steps(config) -> frozenset[int]:
-    return frozenset(int(n) for n in config.train.get("snapshot_steps", ()))
+def snapshot_steps(train_config) -> frozenset[int]:
+    return frozenset(int(n) for n in train_config.get("snapshot_steps", ()))
 
 
 def _export(state: S.TrainState, config, workdir: Path, step: int) -> None:
     """`generator/`, and `generator_ema/` (the average, which `cgn-jax generate` reads the same way) if kept;
     at a snapshot step the same again in snapshots/step_N/, which later exports leave alone."""
-    places = [workdir] + ([workdir / "snapshots" / f"step_{step}"] if step in snapshot_steps(config) else [])
+    places = [workdir] + ([workdir / "snapshots" / f"step_{step}"] if step in snapshot_steps(config.train) else [])
+    average = (S.NetState(params=state.ema["params"], batch_stats=state.ema["batch_stats"], opt_state=None)
+               if state.ema else None)
     for place in places:
         export_generator(place / "generator", state.generator, config, step)
-        if state.ema:
-            average = S.NetState(params=state.ema["params"], batch_stats=state.ema["batch_stats"], opt_state=None)
+        if average is not None:
             export_generator(place / "generator_ema", average, config, step, ema_decay=S.ema_decay(config))
 
 
@@ -385,7 +386,7 @@ class _Every:
     def __init__(self, train_config):
         self._log, self._sample = int(train_config.log_every), int(train_config.sample_every)
         self._ckpt = int(train_config.checkpoint_every)
-        self._snapshots = frozenset(int(n) for n in train_config.get("snapshot_steps", ()))
+        self._snapshots = snapshot_steps(train_config)
 
     @staticmethod
     def _due(period: int, step: int) -> bool:
